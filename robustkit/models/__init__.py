@@ -1,0 +1,36 @@
+"""Model zoo: registered architectures, the Normalize first layer and safe checkpoint IO.
+
+``load_model("resnet20", "resnet20-12fca82f.th")`` builds the network, loads the weights
+safely, and puts the normalization its weights expect in front, so models take [0, 1] pixels.
+"""
+
+from . import (  # noqa: F401  (imported so that they register their architectures)
+    abcrown_resnet,
+    preact_resnet,
+    resnet_cifar,
+    resnet_small,
+    small_cnn,
+    wide_resnet,
+)
+from .build import PACKAGED_WEIGHTS, build_model, load_model, model_info
+from .checkpoint import apply_state_dict, file_sha256, load_state_dict
+from .external import is_external
+from .normalize import PRESETS, Normalize, parse_normalize
+from .zoo import ModelInfo, ZooModel, register_model
+
+__all__ = [
+    "PACKAGED_WEIGHTS",
+    "PRESETS",
+    "ModelInfo",
+    "Normalize",
+    "ZooModel",
+    "apply_state_dict",
+    "build_model",
+    "file_sha256",
+    "is_external",
+    "load_model",
+    "load_state_dict",
+    "model_info",
+    "parse_normalize",
+    "register_model",
+]

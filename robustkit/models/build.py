@@ -1,0 +1,129 @@
+"""Build and load zoo models by name: registry entry -> network -> weights -> Normalize wrapper."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..registry import MODELS
+from .checkpoint import apply_state_dict, load_state_dict, unwrap_state_dict
+from .external import external_info, is_external
+from .normalize import Normalize, parse_normalize
+from .zoo import ModelInfo, ZooModel
+
+#: Weights robustkit ships inside the package, used when no checkpoint is given.
+PACKAGED_WEIGHTS = {"digits-cnn": Path(__file__).parent / "weights" / "digits_cnn.safetensors"}
+
+NormalizeSpec = str | tuple[Sequence[float], Sequence[float]] | None
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry for ``name`` (an alias, ``torchvision:NAME`` or ``timm:NAME`` too)."""
+    if is_external(name):
+        return external_info(name)
+    entry = MODELS.get(name)
+    if isinstance(entry, ModelInfo):
+        return entry
+    if callable(entry):  # a bare factory registered by a third-party entry point
+        doc = (inspect.getdoc(entry) or "").split("\n")[0]
+        return ModelInfo(entry, None, (3, 32, 32), 10, doc or f"third-party model {name}")
+    raise TypeError(f"MODELS entry {name!r} is neither a ModelInfo nor a factory: {entry!r}")
+
+
+def _canonical(name: str) -> str:
+    return name if is_external(name) else MODELS.canonical(name)
+
+
+def _accepts(factory: object, param: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return True
+    return param in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _positive(value: int | None, what: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise UsageError(f"{what} must be a positive integer; got {value!r}.")
+
+
+def build_model(
+    name: str, *, num_classes: int | None = None, in_channels: int | None = None
+) -> nn.Module:
+    """The bare network for ``name`` with fresh weights: logits out, no normalization layer."""
+    _positive(num_classes, "num_classes")
+    _positive(in_channels, "in_channels")
+    info = model_info(name)
+    kwargs: dict[str, int] = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if in_channels is not None:
+        if not _accepts(info.factory, "in_channels"):
+            raise UsageError(
+                f"Model {name!r} has a fixed number of input channels; drop in_channels."
+            )
+        kwargs["in_channels"] = in_channels
+    return info.factory(**kwargs)
+
+
+def _normalize_layer(normalize: NormalizeSpec, info: ModelInfo, key: str) -> Normalize | None:
+    """The Normalize layer ``normalize`` asks for (``"default"``: the entry's), or None."""
+    spec = info.normalize if isinstance(normalize, str) and normalize == "default" else normalize
+    if spec is None or isinstance(spec, str):
+        mean_std = parse_normalize(spec)
+    elif isinstance(spec, tuple | list) and len(spec) == 2:
+        mean_std = tuple(float(v) for v in spec[0]), tuple(float(v) for v in spec[1])
+    else:
+        raise UsageError(
+            "normalize must be 'default', 'none', a preset name, 'm1,m2,m3:s1,s2,s3' or a "
+            f"(mean, std) pair; got {normalize!r}."
+        )
+    if mean_std is None:
+        return None
+    channels = info.input_size[0]
+    if len(mean_std[0]) != channels:
+        raise UsageError(
+            f"Normalization {spec!r} has {len(mean_std[0])} channels but {key} takes "
+            f"{channels}-channel inputs."
+        )
+    return Normalize(*mean_std)
+
+
+def load_model(
+    name: str,
+    checkpoint: str | os.PathLike[str] | Mapping[str, torch.Tensor] | None = None,
+    *,
+    normalize: NormalizeSpec = "default",
+    sha256: str | None = None,
+    num_classes: int | None = None,
+) -> ZooModel:
+    """Build ``name``, load ``checkpoint`` safely into it, and put Normalize in front.
+
+    ``normalize="default"`` uses the entry's normalization (what its published weights
+    expect); ``None``/``"none"`` adds no layer; a preset name, ``"m1,m2,m3:s1,s2,s3"`` or a
+    ``(mean, std)`` pair sets it explicitly. ``sha256`` verifies the checkpoint file first.
+    ``digits-cnn`` without a checkpoint gets robustkit's packaged weights when present.
+    The result is a :class:`ZooModel` in eval mode (``.name``, ``.info``, ``.net``).
+    """
+    key = _canonical(name)
+    info = model_info(key)
+    layer = _normalize_layer(normalize, info, key)
+    net = build_model(key, num_classes=num_classes)
+    if checkpoint is None and key in PACKAGED_WEIGHTS and PACKAGED_WEIGHTS[key].is_file():
+        checkpoint = PACKAGED_WEIGHTS[key]
+    if sha256 is not None and (checkpoint is None or isinstance(checkpoint, Mapping)):
+        raise UsageError("sha256 checks a checkpoint file; give the checkpoint path as well.")
+    source: str | None = None
+    if isinstance(checkpoint, Mapping):
+        apply_state_dict(net, unwrap_state_dict(checkpoint), name=key)
+        source = "<state dict>"
+    elif checkpoint is not None:
+        apply_state_dict(net, load_state_dict(checkpoint, sha256=sha256), name=key)
+        source = os.fspath(checkpoint)
+    return ZooModel(key, info, net, layer, checkpoint=source).eval()

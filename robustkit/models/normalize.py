@@ -1,0 +1,96 @@
+"""Input normalization as the first layer of a model, so attacks work on [0, 1] pixels.
+
+Normalization belongs to the model, never to the data pipeline: eps is then measured on
+raw pixels and every attack sees the same input space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+
+MeanStd = tuple[tuple[float, ...], tuple[float, ...]]
+
+#: Named mean/std presets accepted by :func:`parse_normalize`.
+PRESETS: dict[str, MeanStd] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+_ACCEPTED = "cifar10, cifar100, imagenet, none, or 'm1,m2,m3:s1,s2,s3'"
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel; mean and std are buffers so they follow ``.to()``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        if len(mean) != len(std) or len(mean) == 0:
+            raise UsageError(
+                f"Normalization needs one mean and one std per channel; got {len(mean)} means "
+                f"and {len(std)} stds."
+            )
+        if any(s <= 0 for s in std):
+            raise UsageError(f"Normalization std must be positive; got {tuple(std)}.")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    @property
+    def channels(self) -> int:
+        return self.mean.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        mean = ", ".join(f"{v:.4g}" for v in self.mean.flatten().tolist())
+        std = ", ".join(f"{v:.4g}" for v in self.std.flatten().tolist())
+        return f"mean=({mean}), std=({std})"
+
+
+def _floats(text: str, what: str, spec: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(
+            f"Cannot read the {what} of normalization {spec!r}; accepted: {_ACCEPTED}."
+        ) from None
+    return values
+
+
+def parse_normalize(spec: str | None) -> MeanStd | None:
+    """Turn a normalization spec into ``(mean, std)``, or ``None`` for no normalization.
+
+    Accepts a preset name (``cifar10``, ``cifar100``, ``imagenet``), ``none``/``None``, or a
+    literal ``m1,m2,m3:s1,s2,s3`` with any number of channels.
+    """
+    if spec is None:
+        return None
+    if not isinstance(spec, str):
+        raise UsageError(f"Normalization must be a name or 'mean:std' text; got {spec!r}.")
+    text = spec.strip().lower()
+    if text in ("none", ""):
+        return None
+    if text in PRESETS:
+        return PRESETS[text]
+    if ":" not in text:
+        raise UsageError(f"Unknown normalization {spec!r}; accepted: {_ACCEPTED}.")
+    mean_text, _, std_text = text.partition(":")
+    mean = _floats(mean_text, "mean", spec)
+    std = _floats(std_text, "std", spec)
+    if len(mean) != len(std):
+        raise UsageError(
+            f"Normalization {spec!r} has {len(mean)} means but {len(std)} stds; give one of each "
+            "per channel."
+        )
+    if any(s <= 0 for s in std):
+        raise UsageError(f"Normalization {spec!r} has a std that is not positive.")
+    return mean, std

@@ -1,0 +1,120 @@
+"""Threat models: the set of allowed perturbations (an Lp ball intersected with the [0, 1] box).
+
+Attacks never re-implement projection, clamping or random starts; they call these methods.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from .errors import UsageError
+
+NORMS = ("linf", "l2", "l1")
+
+
+def parse_eps(text: str | float) -> float:
+    """Parse ``8/255``, ``0.031`` or a number into a float (fractions are what papers write)."""
+    if isinstance(text, int | float):
+        return float(text)
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(
+            f"Cannot read eps {text!r}; write a number such as 0.03 or a fraction such as 8/255."
+        ) from None
+
+
+def _flat_norm(v: torch.Tensor, norm: str) -> torch.Tensor:
+    flat = v.flatten(1)
+    if norm == "linf":
+        return flat.abs().amax(1)
+    if norm == "l2":
+        return flat.norm(p=2, dim=1)
+    return flat.abs().sum(1)
+
+
+def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _project_l1(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Euclidean projection of each sample onto the L1 ball (Duchi et al., 2008)."""
+    flat = delta.flatten(1)
+    abs_v = flat.abs()
+    inside = abs_v.sum(1) <= eps
+    mu, _ = abs_v.sort(dim=1, descending=True)
+    cumsum = mu.cumsum(1)
+    ar = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=flat.dtype)
+    cond = mu - (cumsum - eps) / ar > 0
+    rho = cond.float().cumsum(1).argmax(1, keepdim=True)  # last index where cond holds
+    theta = (cumsum.gather(1, rho) - eps) / (rho + 1).to(flat.dtype)
+    projected = flat.sign() * (abs_v - theta).clamp_min(0)
+    out = torch.where(inside[:, None], flat, projected)
+    return out.view_as(delta)
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """An Lp ball of radius ``eps`` around each input, within the [0, 1] image box."""
+
+    norm: str
+    eps: float
+
+    def __post_init__(self) -> None:
+        norm = str(self.norm).lower()
+        if norm not in NORMS:
+            raise UsageError(f"Unknown norm {self.norm!r}; accepted: {', '.join(NORMS)}.")
+        object.__setattr__(self, "norm", norm)
+        eps = float(self.eps)
+        if not math.isfinite(eps) or eps <= 0:
+            raise UsageError(f"eps must be a positive number, got {eps:g}.")
+        if norm == "linf" and eps > 1:
+            raise UsageError(
+                f"Linf eps must be at most 1 (images are in [0, 1]), got {eps:g}; did you mean {eps:g}/255?"
+            )
+        object.__setattr__(self, "eps", eps)
+
+    def norm_of(self, delta: torch.Tensor) -> torch.Tensor:
+        """Per-sample norm of a perturbation batch."""
+        return _flat_norm(delta, self.norm)
+
+    def project(self, delta: torch.Tensor) -> torch.Tensor:
+        """Project each perturbation onto the eps-ball."""
+        if self.norm == "linf":
+            return delta.clamp(-self.eps, self.eps)
+        if self.norm == "l2":
+            n = _flat_norm(delta, "l2")
+            factor = torch.clamp(self.eps / (n + 1e-12), max=1.0)
+            return delta * _view(factor, delta)
+        return _project_l1(delta, self.eps)
+
+    def clip(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Return the point of the threat set nearest to ``x_adv`` (ball, then [0, 1] box)."""
+        return (x + self.project(x_adv - x)).clamp(0.0, 1.0)
+
+    def random_init(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A random start inside the threat set: uniform in the Linf ball, or a random
+        direction with radius uniform in [0, eps] for L2/L1 (as torchattacks' PGDL2)."""
+        if self.norm == "linf":
+            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            delta = (2 * u - 1) * self.eps
+        else:
+            d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if self.norm == "l1":
+                d = d.sign() * d.abs() ** 3  # concentrate mass: l1 balls have sparse corners
+            d = d / _view(_flat_norm(d, self.norm) + 1e-12, d)
+            r = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+            delta = d * _view(r * self.eps, d)
+        return (x + delta).clamp(0.0, 1.0)
+
+    def contains(self, x_adv: torch.Tensor, x: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+        """Per-sample check that ``x_adv`` lies in the threat set (used by tests and checks)."""
+        in_box = (x_adv >= -tol).flatten(1).all(1) & (x_adv <= 1 + tol).flatten(1).all(1)
+        return in_box & (self.norm_of(x_adv - x) <= self.eps * (1 + tol) + tol)
+
+    def describe(self) -> str:
+        return f"{self.norm} eps={self.eps:.6g}"

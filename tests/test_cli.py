@@ -1,0 +1,195 @@
+"""The CLI end to end (in-process): the main job, list, leaderboard, and every user error as one
+red sentence with the right exit code and no traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from robustkit import __version__
+from robustkit.cli import main
+from robustkit.models import build_model
+
+
+def run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "board.db")
+
+
+def assert_user_error(code: int, err: str, expected_code: int, *fragments: str) -> None:
+    assert code == expected_code, err
+    assert "Traceback" not in err
+    assert err.startswith("Error: "), err
+    text = " ".join(err.split())  # rich may wrap long lines
+    for fragment in fragments:
+        assert fragment in text, f"{fragment!r} not in {text!r}"
+
+
+def test_version(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and __version__ in out
+
+
+def test_list_models_has_at_least_ten(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run(capsys, "list", "models")
+    assert code == 0
+    for name in ("preactresnet18", "wrn-28-10", "wrn28", "resnet20", "digits-cnn", "timm:NAME"):
+        assert name in out
+    from robustkit.registry import MODELS
+
+    assert len(MODELS.names()) >= 10
+
+
+@pytest.mark.parametrize("what,expected", [("attacks", "pgd"), ("datasets", "cifar10"), ("defenses", "defenses")])
+def test_list_other_registries(capsys: pytest.CaptureFixture, what: str, expected: str) -> None:
+    code, out, _ = run(capsys, "list", what)
+    assert code == 0 and expected in out
+
+
+def test_default_eval_writes_a_row_then_reports_it_exists(capsys: pytest.CaptureFixture, db: str) -> None:
+    code, out, _ = run(capsys, "eval", "--db", db, "--quiet", "--n-examples", "100")
+    assert code == 0
+    assert "digits-cnn" in out and "clean acc" in out and "robust acc" in out
+    code, out, _ = run(capsys, "leaderboard", "--db", db, "--format", "json")
+    rows = json.loads(out)
+    assert len(rows) == 1 and rows[0]["attack"] == "pgd" and rows[0]["n_examples"] == 100
+    assert 0.9 <= rows[0]["clean_acc"] <= 1.0 and rows[0]["robust_acc"] < rows[0]["clean_acc"]
+    code, out, err = run(capsys, "eval", "--db", db, "--quiet", "--n-examples", "100")
+    assert code == 0 and "already in the leaderboard" in " ".join(err.split())
+    code, out, _ = run(capsys, "eval", "--db", db, "--quiet", "--n-examples", "100", "--overwrite")
+    code, out, _ = run(capsys, "leaderboard", "--db", db, "--format", "csv")
+    assert len(out.strip().splitlines()) == 2  # header + the one row, not duplicated
+
+
+def test_eval_json_and_fraction_eps(capsys: pytest.CaptureFixture, db: str) -> None:
+    code, out, _ = run(
+        capsys,
+        "eval",
+        "--db",
+        db,
+        "--json",
+        "--n-examples",
+        "50",
+        "--attack",
+        "fgsm,pgd",
+        "--eps",
+        "16/255",
+        "--attack-kwargs",
+        "pgd.steps=5",
+    )
+    assert code == 0, out
+    rows = json.loads(out)
+    assert [r["attack"] for r in rows] == ["fgsm", "pgd"]
+    assert rows[0]["eps"] == pytest.approx(16 / 255)
+
+
+@pytest.mark.parametrize(
+    "args,code,fragments",
+    [
+        (["--model", "resnet2O"], 2, ["Unknown model 'resnet2O'", "Did you mean", "'resnet20'"]),
+        (["--attack", "pgdd"], 2, ["Unknown attack 'pgdd'", "'pgd'"]),
+        (["--dataset", "cifar01"], 2, ["Unknown dataset 'cifar01'", "'cifar10'"]),
+        (["--eps", "0"], 2, ["eps must be a positive number"]),
+        (["--eps", "-8/255"], 2, ["eps must be a positive number"]),
+        (["--eps", "8"], 2, ["at most 1", "8/255"]),
+        (["--eps", "eight"], 2, ["Cannot read eps 'eight'"]),
+        (["--n-examples", "5000"], 1, ["--n-examples 5000 is larger than the 500 test images of digits"]),
+        (["--attack-kwargs", "stepz=3"], 2, ["Bad options for attack pgd"]),
+        (
+            ["--checkpoint", "/nonexistent/w.safetensors"],
+            1,
+            ["Checkpoint file not found", "/nonexistent/w.safetensors"],
+        ),
+    ],
+)
+def test_user_errors(capsys: pytest.CaptureFixture, db: str, args: list[str], code: int, fragments: list[str]) -> None:
+    assert_user_error(*run(capsys, "eval", "--db", db, *args)[::2], code, *fragments)
+
+
+def test_dataset_missing_from_data_dir(capsys: pytest.CaptureFixture, db: str, tmp_path: Path) -> None:
+    code, _, err = run(
+        capsys, "eval", "--db", db, "--dataset", "cifar10", "--data-dir", str(tmp_path), "--model", "resnet20"
+    )
+    assert_user_error(code, err, 1, "Dataset cifar10 (test) not found", "cifar-10-batches-py/test_batch")
+
+
+def test_checkpoint_that_is_not_a_state_dict(capsys: pytest.CaptureFixture, db: str, tmp_path: Path) -> None:
+    path = tmp_path / "list.pt"
+    torch.save([1, 2, 3], path)
+    code, _, err = run(capsys, "eval", "--db", db, "--checkpoint", str(path))
+    assert_user_error(code, err, 1, "state dict")
+
+
+def test_checkpoint_with_keys_that_do_not_fit(capsys: pytest.CaptureFixture, db: str, tmp_path: Path) -> None:
+    state = build_model("digits-cnn").state_dict()
+    state.pop("8.bias")
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    code, _, err = run(capsys, "eval", "--db", db, "--checkpoint", str(path))
+    assert_user_error(code, err, 1, "does not fit", "1 missing key", "8.bias", "1 unexpected key", "extra.weight")
+
+
+def test_sha256_mismatch(capsys: pytest.CaptureFixture, db: str, tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_file(build_model("digits-cnn").state_dict(), str(path))
+    code, _, err = run(capsys, "eval", "--db", db, "--checkpoint", str(path), "--sha256", "0" * 64)
+    assert_user_error(code, err, 1, "sha256")
+
+
+@pytest.mark.parametrize(
+    "x,fragment",
+    [
+        (np.full((4, 1, 8, 8), np.nan, dtype=np.float32), "NaN"),
+        (np.full((4, 1, 8, 8), 1.5, dtype=np.float32), "must lie in [0, 1]"),
+        (np.full((4, 1, 8, 8), np.inf, dtype=np.float32), "NaN or infinite"),
+    ],
+)
+def test_bad_npz_inputs(capsys: pytest.CaptureFixture, db: str, tmp_path: Path, x: np.ndarray, fragment: str) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=x, y=np.zeros(4, dtype=np.int64))
+    code, _, err = run(capsys, "eval", "--db", db, "--dataset", f"npz:{path}")
+    assert_user_error(code, err, 1, fragment)
+
+
+def test_model_that_does_not_fit_the_images(capsys: pytest.CaptureFixture, db: str, tmp_path: Path) -> None:
+    path = tmp_path / "rgb.npz"
+    np.savez(path, x=np.zeros((4, 32, 32, 3), dtype=np.uint8), y=np.zeros(4, dtype=np.int64))
+    code, _, err = run(capsys, "eval", "--db", db, "--dataset", f"npz:{path}")
+    assert_user_error(code, err, 2, "cannot take", "(3, 32, 32)")
+
+
+def test_leaderboard_exports_have_the_same_rows(capsys: pytest.CaptureFixture, db: str, tmp_path: Path) -> None:
+    run(
+        capsys,
+        "eval",
+        "--db",
+        db,
+        "--quiet",
+        "--n-examples",
+        "40",
+        "--attack",
+        "fgsm,pgd",
+        "--attack-kwargs",
+        "pgd.steps=3",
+    )
+    for fmt, count in (("csv", 3), ("md", 4)):
+        out_file = tmp_path / f"board.{fmt}"
+        code, _, _ = run(capsys, "leaderboard", "--db", db, "--format", fmt, "--output", str(out_file))
+        assert code == 0 and len(out_file.read_text().strip().splitlines()) == count
+    code, out, _ = run(capsys, "leaderboard", "--db", db, "--format", "html")
+    assert code == 0 and out.count("<tr") >= 3
+    code, out, _ = run(capsys, "leaderboard", "--db", db)
+    assert code == 0 and "fgsm" in out and "pgd" in out

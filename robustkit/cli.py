@@ -6,7 +6,6 @@ User mistakes print one red sentence and exit 2 (usage) or 1 (runtime); tracebac
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from collections.abc import Sequence
 
@@ -17,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .errors import UsageError, UserError
+from .errors import UserError
 from .threat import parse_eps
 
 out = Console()
@@ -68,28 +67,27 @@ def list_cmd(what: str) -> None:
 
 
 class ProgressBars:
-    """Rich progress bars per stage (clean pass, each attack), started on the first update."""
+    """Rich progress: one bar per cell (with its running robust accuracy) and one overall bar."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, cells: int):
         self.enabled = enabled
-        self.progress = Progress(
-            TextColumn("{task.description:>12}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
-        )
+        self.cells = cells
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err)
         self.tasks: dict[str, int] = {}
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, cell: str, done: int, total: int, robust: int, evaluated: int) -> None:
         if not self.enabled:
             return
         if not self.tasks:
             self.progress.start()
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total)
-        self.progress.update(self.tasks[stage], completed=done, total=total)
+            self.tasks["overall"] = self.progress.add_task("overall", total=self.cells, status="")
+        if cell not in self.tasks:
+            self.tasks[cell] = self.progress.add_task(cell, total=total, status="")
+        status = f"robust {100 * robust / max(evaluated, 1):.1f}%"
+        self.progress.update(self.tasks[cell], completed=done, total=total, status=status)
+        if done == total:
+            self.progress.advance(self.tasks["overall"])
 
     def __enter__(self) -> ProgressBars:
         return self
@@ -100,128 +98,97 @@ class ProgressBars:
 
 
 @cli.command("eval")
-@click.option(
-    "--model", default="digits-cnn", show_default=True, help="Registered name, timm:NAME or torchvision:NAME."
-)
-@click.option(
-    "--checkpoint", type=click.Path(dir_okay=False), help=".safetensors, or .pt/.pth loaded with weights_only."
-)
+@click.option("--model", help="Model name(s), comma-separated: registered names, timm:NAME, torchvision:NAME. "
+              "[default: digits-cnn]")
+@click.option("--checkpoint", help="Checkpoint file(s), one per model: .safetensors, or .pt/.pth (weights_only).")
 @click.option("--sha256", help="Expected sha256 of the checkpoint file.")
-@click.option(
-    "--normalize",
-    default="default",
-    show_default=True,
-    help="default (the model's), cifar10, imagenet, none, or m1,m2,m3:s1,s2,s3.",
-)
-@click.option("--dataset", default="digits", show_default=True, help="Registered name or npz:PATH.")
+@click.option("--normalize", help="default (the model's), cifar10, imagenet, none, or m1,m2,m3:s1,s2,s3.")
+@click.option("--dataset", help="Registered name or npz:PATH. [default: digits]")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with the torchvision dataset files.")
-@click.option("--download", is_flag=True, help="Let torchvision download the dataset.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "train"]))
+@click.option("--download", is_flag=True, default=None, help="Let torchvision download the dataset.")
+@click.option("--split", type=click.Choice(["test", "train"]), help="[default: test]")
 @click.option("--n-examples", type=int, help="Evaluate the first N examples (default: all).")
-@click.option("--attack", default="pgd", show_default=True, help="Attack name(s), comma-separated.")
-@click.option(
-    "--attack-kwargs", help="Attack options key=value,...; attack.key=value for one attack, e.g. pgd.steps=50,loss=cw."
-)
-@click.option("--norm", default="linf", show_default=True, type=click.Choice(["linf", "l2", "l1"]))
-@click.option("--eps", default="0.1", show_default=True, type=EpsType(), help="Radius, e.g. 8/255.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch-size", default=256, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--attack", help="Attack name(s), comma-separated. [default: pgd]")
+@click.option("--attack-kwargs", help="Attack options key=value,...; attack.key=value for one attack (pgd.steps=50).")
+@click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), help="[default: linf]")
+@click.option("--eps", help="Radius or radii, comma-separated, e.g. 2/255,8/255. [default: 0.1]")
+@click.option("--seed", type=int, help="[default: 0]")
+@click.option("--batch-size", type=int, help="[default: 256]")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]")
+@click.option("--diagnose/--no-diagnose", default=None, help="Gradient-masking and sanity checks (on for autoattack).")
+@click.option("--records", "records_dir", type=click.Path(file_okay=False),
+              help="Folder for per-sample records (default ~/.robustkit/records).")
+@click.option("--save-adv", type=click.Path(file_okay=False), help="Store adversarial examples here (safetensors).")
+@click.option("--config", type=click.Path(dir_okay=False, exists=True), help="Read the evaluation from a YAML file.")
+@click.option("--dump-config", is_flag=True, help="Print the YAML config of this command line and exit.")
 @click.option("--db", type=click.Path(dir_okay=False), help="Leaderboard file (default ~/.robustkit/leaderboard.db).")
 @click.option("--overwrite", is_flag=True, help="Recompute cells already in the leaderboard.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
-def eval_cmd(
-    model: str,
-    checkpoint: str | None,
-    sha256: str | None,
-    normalize: str,
-    dataset: str,
-    data_dir: str | None,
-    download: bool,
-    split: str,
-    n_examples: int | None,
-    attack: str,
-    attack_kwargs: str | None,
-    norm: str,
-    eps: float,
-    seed: int,
-    batch_size: int,
-    device: str,
-    db: str | None,
-    overwrite: bool,
-    quiet: bool,
-    as_json: bool,
-) -> None:
-    """Evaluate a model's clean and robust accuracy; each attack writes a leaderboard row.
+def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: bool, quiet: bool, as_json: bool,
+             attack_kwargs: str | None, **options: object) -> None:
+    """Evaluate clean and robust accuracy over a grid of models × eps × attacks.
+
+    Each attack writes a leaderboard row per cell (model, eps), plus a worst-case row when there
+    are several attacks; a killed run continues where it stopped when run again.
 
     \b
     Examples:
       robustkit eval
       robustkit eval --model resnet20 --checkpoint resnet20-12fca82f.th \\
-          --dataset npz:cifar10_test1000.npz --n-examples 200 --attack fgsm,pgd --eps 2/255
-      robustkit eval --dataset cifar10 --data-dir ~/data --model wrn28 --checkpoint w.safetensors \\
+          --dataset npz:cifar10_test1000.npz --n-examples 200 --attack fgsm,pgd --eps 2/255,8/255
+      robustkit eval --model wrn28 --checkpoint w.safetensors --dataset cifar10 --data-dir ~/data \\
           --attack pgd --attack-kwargs steps=50,restarts=2 --eps 8/255
+      robustkit eval --config eval.yaml
+      torchrun --nproc-per-node 4 -m robustkit eval --config eval.yaml   # sharded
     """
-    from .experiment import EvalSpec, parse_kwargs, run_eval
+    from .experiment import EvalSpec, dump_json, parse_kwargs, run_grid
 
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}.")
-    spec = EvalSpec(
-        model=model,
-        checkpoint=checkpoint,
-        sha256=sha256,
-        normalize=None if normalize == "none" else normalize,
-        dataset=dataset,
-        data_dir=data_dir,
-        split=split,
-        n_examples=n_examples,
-        download=download,
-        attacks=[a.strip() for a in attack.split(",") if a.strip()],
-        attack_kwargs=parse_kwargs(attack_kwargs),
-        norm=norm,
-        eps=eps,
-        seed=seed,
-        batch_size=batch_size,
-        device=device,
-    )
-    with ProgressBars(enabled=not (quiet or as_json)) as bars:
-        report = run_eval(spec, db=db, overwrite=overwrite, progress=bars)
-    rows = report.existing + report.rows
-    if as_json:
-        click.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+    given = {k: v for k, v in options.items() if v is not None}
+    if attack_kwargs is not None:
+        given["attack_kwargs"] = parse_kwargs(attack_kwargs)
+    base = dataclasses.asdict(EvalSpec.from_yaml(config)) if config else {}
+    spec = EvalSpec(**{**base, **given})
+    if dump_config:
+        click.echo(spec.to_yaml(), nl=False)
         return
-    for r in report.existing:
-        err.print(
-            Text(
-                f"{r.attack}: already in the leaderboard (shown below); pass --overwrite to recompute.", style="yellow"
-            ),
-            soft_wrap=True,
-        )
-    _print_results(rows, report.result)
+    cells = len(spec.model) * len(spec.eps)
+    with ProgressBars(enabled=not (quiet or as_json), cells=cells) as bars:
+        reports = run_grid(spec, db=db, overwrite=overwrite, progress=bars)
+    if not reports:  # a rank other than 0 under torchrun
+        return
+    if as_json:
+        click.echo(dump_json(reports))
+        return
+    for report in reports:
+        for r in report.existing:
+            err.print(Text(f"{r.model} {r.attack} eps={_eps_str(r.eps)}: already in the leaderboard (shown "
+                           "below); pass --overwrite to recompute.", style="yellow"), soft_wrap=True)
+        _print_cell(report)
 
 
-def _print_results(rows: Sequence, result) -> None:  # noqa: ANN001
+def _print_cell(report) -> None:  # noqa: ANN001
+    rows = report.existing + report.rows
     if not rows:
         return
     first = rows[0]
-    table = Table(
-        title=f"{first.model} on {first.dataset} (n={first.n_examples}), {first.norm} eps={_eps_str(first.eps)}"
-    )
+    title = f"{first.model} on {first.dataset} (n={first.n_examples}), {first.norm} eps={_eps_str(first.eps)}"
+    table = Table(title=title)
     table.add_column("attack")
     table.add_column("clean acc", justify="right")
     table.add_column("robust acc", justify="right")
     table.add_column("seconds", justify="right")
     for r in rows:
         table.add_row(r.attack, f"{100 * r.clean_acc:.2f}%", f"{100 * r.robust_acc:.2f}%", f"{r.seconds:.1f}")
-    if result is not None and len(result.broken) > 1:
-        table.add_row("worst case", f"{100 * result.clean_acc:.2f}%", f"{100 * result.robust_acc():.2f}%", "")
     out.print(table)
+    for warning in report.warnings:
+        out.print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
 
 
 def _eps_str(eps: float) -> str:
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 and k >= 1 else f"{eps:g}"
+    from .leaderboard import eps_str
+
+    return eps_str(eps)
 
 
 @cli.command("leaderboard")
@@ -266,6 +233,33 @@ def leaderboard_cmd(
         click.echo(text)
     else:
         err.print(Text(f"Wrote {len(frame)} rows to {output}."))
+
+
+@cli.command("plot")
+@click.option("--metric", default="robust_acc", show_default=True,
+              type=click.Choice(["robust_acc", "clean_acc", "seconds"]))
+@click.option("--x", "x_axis", default="eps", show_default=True, type=click.Choice(["eps", "n_examples"]))
+@click.option("--output", default="robustness.png", show_default=True, type=click.Path(dir_okay=False),
+              help="A .png, .svg or .pdf file.")
+@click.option("--dataset", help="Only rows of this dataset.")
+@click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), help="Only rows of this norm.")
+@click.option("--model", help="Only rows of this model.")
+@click.option("--attack", help="Only rows of this attack (e.g. worst-case).")
+@click.option("--db", type=click.Path(dir_okay=False), help="Leaderboard file (default ~/.robustkit/leaderboard.db).")
+def plot_cmd(metric: str, x_axis: str, output: str, dataset: str | None, norm: str | None, model: str | None,
+             attack: str | None, db: str | None) -> None:
+    """Plot a metric against eps from the leaderboard, one line per model and attack (needs matplotlib).
+
+    \b
+    Example:
+      robustkit plot --metric robust_acc --x eps --dataset cifar10 --output curves.svg
+    """
+    from .leaderboard import Leaderboard
+    from .plot import plot_leaderboard
+
+    frame = Leaderboard(db).frame(dataset=dataset, norm=norm, model=model)
+    path = plot_leaderboard(frame, output, metric=metric, x=x_axis, attack=attack)
+    err.print(Text(f"Wrote {path}."))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,12 +1,19 @@
-"""One evaluation as a library call: names in, accuracies and leaderboard rows out.
+"""Evaluations as library calls: a grid of models × eps × attacks in, results and leaderboard rows out.
 
-This is what ``robustkit eval`` runs; a notebook user can call :func:`run_eval` the same way.
+This is what ``robustkit eval`` runs; a notebook user can call :func:`run_grid` the same way.
+One *cell* is one model at one eps with all attacks: it writes one leaderboard row per attack,
+plus a ``worst-case`` row when there are several attacks, per-sample records and, on request,
+the adversarial examples. Cells resume from their per-batch store after an interruption.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import platform
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,14 +24,20 @@ import yaml
 import robustkit.attacks  # noqa: F401  (registers the attacks)
 
 from . import __version__
+from . import diagnostics as diag
+from . import distributed as dist
 from .attack import Attack
-from .data import load_dataset
+from .data import Dataset, load_dataset
 from .errors import UsageError
-from .evaluate import EvalResult, ProgressFn, evaluate, resolve_device
-from .leaderboard import Leaderboard, ResultRow
+from .evaluate import BatchStore, EvalResult, ProgressFn, evaluate, merge_results, resolve_device
+from .leaderboard import Leaderboard, ResultRow, canonical_json, eps_str
 from .models import PACKAGED_WEIGHTS, file_sha256, load_model
+from .records import save_adversarial, write_records
 from .registry import ATTACKS
-from .threat import ThreatModel
+from .threat import ThreatModel, parse_eps
+
+WORST_CASE = "worst-case"
+SCORE_BASED = ("square",)  # attacks that use only model outputs (for the gradient-masking check)
 
 
 def parse_kwargs(text: str | None) -> dict[str, Any]:
@@ -59,12 +72,21 @@ def build_attack(name: str, threat: ThreatModel, *, seed: int = 0, **kwargs: Any
         raise UsageError(f"Bad options for attack {name}: {e}.") from None
 
 
+def _split(value: str | Sequence[Any] | None) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value)
+
+
 @dataclass
 class EvalSpec:
-    """What to evaluate: one model on one dataset under one threat model and some attacks."""
+    """A grid: every model (with its checkpoint) at every eps under all attacks, on one data set.
+    Round-trips through YAML (``--config`` / ``--dump-config``)."""
 
-    model: str = "digits-cnn"
-    checkpoint: str | None = None
+    model: list[str] = field(default_factory=lambda: ["digits-cnn"])
+    checkpoint: list[str | None] = field(default_factory=list)
     sha256: str | None = None
     normalize: str | None = "default"
     dataset: str = "digits"
@@ -72,86 +94,200 @@ class EvalSpec:
     split: str = "test"
     n_examples: int | None = None
     download: bool = False
-    attacks: Sequence[str] = ("pgd",)
+    attack: list[str] = field(default_factory=lambda: ["pgd"])
     attack_kwargs: dict[str, Any] = field(default_factory=dict)
     norm: str = "linf"
-    eps: float = 0.1
+    eps: list[float] = field(default_factory=lambda: [0.1])
     seed: int = 0
     batch_size: int = 256
     device: str = "auto"
+    diagnose: bool | None = None  # None: on when the attacks include autoattack
+    records_dir: str | None = None
+    save_adv: str | None = None
+
+    def __post_init__(self) -> None:
+        self.model = _split(self.model)
+        self.attack = _split(self.attack)
+        self.checkpoint = [c or None for c in _split(self.checkpoint)]
+        self.eps = [parse_eps(e) for e in _split(self.eps if not isinstance(self.eps, int | float) else [self.eps])]
+        if not self.model or not self.attack or not self.eps:
+            raise UsageError("An evaluation needs at least one model, one attack and one eps.")
+        if self.checkpoint and len(self.checkpoint) not in (1, len(self.model)):
+            raise UsageError(f"Give one checkpoint per model: {len(self.model)} models, "
+                             f"{len(self.checkpoint)} checkpoints.")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}.")
+
+    def checkpoint_of(self, i: int) -> str | None:
+        if not self.checkpoint:
+            return None
+        return self.checkpoint[0] if len(self.checkpoint) == 1 else self.checkpoint[i]
+
+    def to_yaml(self) -> str:
+        data = dataclasses.asdict(self)
+        data["eps"] = [eps_str(e) for e in self.eps]  # 8/255 rather than 0.03137254901960784
+        return yaml.safe_dump(data, sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> EvalSpec:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UsageError(f"Cannot read the config {path}: {e}.") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"Unknown keys in {path}: {', '.join(unknown)}; accepted: {', '.join(sorted(known))}.")
+        return cls(**data)
 
 
 @dataclass
-class EvalReport:
-    spec: EvalSpec
-    result: EvalResult | None
+class CellReport:
+    """One model at one eps: its rows (new and already present), result and warnings."""
+
+    model: str
+    eps: float
     rows: list[ResultRow]
     existing: list[ResultRow]
+    result: EvalResult | None = None
+    warnings: list[str] = field(default_factory=list)
+    records: Path | None = None
 
 
-def _checkpoint_sha(spec: EvalSpec) -> str:
-    if spec.checkpoint:
-        return file_sha256(spec.checkpoint) if Path(spec.checkpoint).is_file() else ""
-    packaged = PACKAGED_WEIGHTS.get(spec.model)
+# progress(cell_label, batches_done, batches_total, robust, evaluated)
+CellProgress = Callable[[str, int, int, int, int], None]
+
+
+class Grid:
+    """Runs the cells of an :class:`EvalSpec`, each as one resumable, optionally sharded, unit."""
+
+    def __init__(self, spec: EvalSpec, *, db: str | Path | None = None, overwrite: bool = False):
+        self.spec = spec
+        self.board = Leaderboard(db)
+        self.overwrite = overwrite
+        self.home = Path(self.board.path).parent
+        self.threats = [ThreatModel(spec.norm, e) for e in spec.eps]
+        for threat in self.threats:  # validate every attack and option before any work
+            self.attacks(threat)
+        self.dataset: Dataset = load_dataset(spec.dataset, data_dir=spec.data_dir, split=spec.split,
+                                             n_examples=spec.n_examples, download=spec.download)
+        self.device = resolve_device(dist.local_device(spec.device))
+
+    def attacks(self, threat: ThreatModel) -> list[tuple[str, Attack]]:
+        names = [ATTACKS.canonical(a) for a in self.spec.attack]
+        return [(n, build_attack(n, threat, seed=self.spec.seed, **options_for(n, self.spec.attack_kwargs)))
+                for n in names]
+
+    def _rows(self, model: str, sha: str, threat: ThreatModel, attacks: list[tuple[str, Attack]],
+              result: EvalResult | None, extra: dict[str, Any]) -> list[ResultRow]:
+        nan = float("nan")
+        cells = [(n, a.config(), result.robust_acc(n) if result else nan,
+                  (result.seconds["clean"] + result.seconds[n]) if result else 0.0) for n, a in attacks]
+        if len(attacks) > 1:
+            config = {"attacks": [n for n, _ in attacks], "configs": {n: a.config() for n, a in attacks}}
+            cells.append((WORST_CASE, config, result.robust_acc() if result else nan,
+                          sum(result.seconds.values()) if result else 0.0))
+        return [ResultRow(
+            model=model, checkpoint_sha256=sha, dataset=self.dataset.name, n_examples=len(self.dataset),
+            norm=threat.norm, eps=threat.eps, attack=name, attack_config=config, seed=self.spec.seed,
+            clean_acc=result.clean_acc if result else nan, robust_acc=robust, seconds=seconds,
+            robustkit_version=__version__, torch_version=torch.__version__,
+            device=f"{self.device.type} ({platform.machine()})", extra=extra,
+        ) for name, config, robust, seconds in cells]
+
+    def run_cell(self, index: int, threat: ThreatModel, progress: CellProgress | None = None) -> CellReport | None:
+        """Evaluate model ``index`` at ``threat``; returns None on ranks other than 0."""
+        spec = self.spec
+        name, checkpoint = spec.model[index], spec.checkpoint_of(index)
+        sha = _checkpoint_sha(name, checkpoint)
+        attacks = self.attacks(threat)
+        planned = self._rows(name, sha, threat, attacks, None, {})
+        existing = [self.board.get(r) for r in planned if self.board.exists(r)]
+        if len(existing) == len(planned) and not self.overwrite:
+            return CellReport(name, threat.eps, [], existing)
+        model = load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256)
+        key = canonical_json({"model": name, "sha": sha, "normalize": spec.normalize, "data": self.dataset.name,
+                              "split": spec.split, "n": len(self.dataset), "norm": threat.norm,
+                              "eps": eps_str(threat.eps), "attacks": {n: a.config() for n, a in attacks},
+                              "seed": spec.seed, "batch": spec.batch_size})
+        run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+        store = BatchStore(self.home / "runs" / run_id)
+        label = f"{name} {threat.norm} eps={eps_str(threat.eps)}"
+        t0 = time.perf_counter()
+        result = evaluate(model, self.dataset, attacks, batch_size=spec.batch_size, device=self.device,
+                          store=store, shard=dist.world(), keep_adv=spec.save_adv is not None,
+                          progress=(lambda *a: progress(label, *a)) if progress else None)
+        gathered = dist.gather_to_rank0(result)
+        if gathered is None:
+            return None
+        result = merge_results(gathered)
+        warnings = self._diagnose(model, attacks, threat, result) if self._diagnosing() else []
+        records = write_records(result, Path(spec.records_dir or self.home / "records") / run_id)
+        extra = {"run_id": run_id, "records": str(records), "warnings": warnings,
+                 "wall_seconds": time.perf_counter() - t0, "per_attack": {n: result.robust_acc(n) for n, _ in attacks}}
+        if spec.save_adv:
+            extra["adversarial_examples"] = str(save_adversarial(result, Path(spec.save_adv) / f"{run_id}.safetensors"))
+        rows = []
+        for row in self._rows(name, sha, threat, attacks, result, extra):
+            if self.overwrite or not self.board.exists(row):
+                self.board.add(row, overwrite=self.overwrite)
+                rows.append(row)
+        store.clear()
+        kept = [r for r in existing if r.attack not in {row.attack for row in rows}]
+        return CellReport(name, threat.eps, rows, kept, result, warnings, records)
+
+    def _diagnosing(self) -> bool:
+        return self.spec.diagnose if self.spec.diagnose is not None else "autoattack" in self.spec.attack
+
+    def _diagnose(self, model: torch.nn.Module, attacks: list[tuple[str, Attack]], threat: ThreatModel,
+                  result: EvalResult) -> list[str]:
+        from .attacks import PGD
+
+        idx = torch.from_numpy(result.clean_correct.nonzero()[0][:64])
+        x, y = self.dataset.x[idx].to(self.device), self.dataset.y[idx].to(self.device)
+        warnings = diag.sanity_checks(model, x, y, self.dataset.num_classes, threat, self.dataset.name)
+        names = [n for n, _ in attacks]
+        warnings += diag.black_box_stronger(result, [n for n in names if n in SCORE_BASED],
+                                            [n for n in names if n not in SCORE_BASED])
+        if len(idx) and threat.norm in PGD.supported_norms:
+            warnings += diag.unbounded_and_loss_checks(model, x, y, threat, PGD)
+        return warnings
+
+    def run(self, progress: CellProgress | None = None) -> list[CellReport]:
+        """All cells, models outer and eps inner; adds the eps-monotonicity check per model."""
+        reports = []
+        for i in range(len(self.spec.model)):
+            cells = [self.run_cell(i, threat, progress) for threat in self.threats]
+            cells = [c for c in cells if c is not None]
+            if len(cells) > 1 and self._diagnosing():
+                for name in sorted({r.attack for c in cells for r in c.rows + c.existing}):
+                    curve = [(c.eps, r.robust_acc) for c in cells for r in c.rows + c.existing if r.attack == name]
+                    cells[-1].warnings += diag.non_monotone_in_eps(curve, f"{self.spec.model[i]} / {name}")
+            reports += cells
+        return reports
+
+
+def _checkpoint_sha(model: str, checkpoint: str | None) -> str:
+    if checkpoint:
+        return file_sha256(checkpoint) if Path(checkpoint).is_file() else ""
+    packaged = PACKAGED_WEIGHTS.get(model)
     return file_sha256(packaged) if packaged and packaged.is_file() else ""
 
 
-def run_eval(
-    spec: EvalSpec, *, db: str | Path | None = None, overwrite: bool = False, progress: ProgressFn | None = None
-) -> EvalReport:
-    """Evaluate ``spec``, write one leaderboard row per attack, return accuracies and rows.
-    Cells already in the leaderboard are not recomputed unless ``overwrite``."""
-    threat = ThreatModel(spec.norm, spec.eps)
-    attacks = [
-        (name, build_attack(name, threat, seed=spec.seed, **options_for(name, spec.attack_kwargs)))
-        for name in map(ATTACKS.canonical, spec.attacks)
-    ]
-    dataset = load_dataset(
-        spec.dataset, data_dir=spec.data_dir, split=spec.split, n_examples=spec.n_examples, download=spec.download
-    )
-    model = load_model(spec.model, spec.checkpoint, normalize=spec.normalize, sha256=spec.sha256)
-    device = resolve_device(spec.device)
-    board = Leaderboard(db)
-    sha = _checkpoint_sha(spec)
+def run_grid(spec: EvalSpec, *, db: str | Path | None = None, overwrite: bool = False,
+             progress: CellProgress | None = None) -> list[CellReport]:
+    """Evaluate every cell of ``spec``; under torchrun only rank 0 gets the reports (others: [])."""
+    dist.init_from_env(spec.device)
+    return Grid(spec, db=db, overwrite=overwrite).run(progress)
 
-    def row_for(
-        name: str,
-        attack: Attack,
-        clean: float = float("nan"),
-        robust: float = float("nan"),
-        seconds: float = 0.0,
-        extra: dict | None = None,
-    ) -> ResultRow:
-        return ResultRow(
-            model=spec.model,
-            checkpoint_sha256=sha,
-            dataset=dataset.name,
-            n_examples=len(dataset),
-            norm=threat.norm,
-            eps=threat.eps,
-            attack=name,
-            attack_config=attack.config(),
-            seed=spec.seed,
-            clean_acc=clean,
-            robust_acc=robust,
-            seconds=seconds,
-            robustkit_version=__version__,
-            torch_version=torch.__version__,
-            device=f"{device.type} ({platform.machine()})",
-            extra=extra or {},
-        )
 
-    existing = [] if overwrite else [board.get(row_for(n, a)) for n, a in attacks if board.exists(row_for(n, a))]
-    done = {r.attack for r in existing}
-    todo = [(n, a) for n, a in attacks if n not in done]
-    if not todo:
-        return EvalReport(spec, None, [], existing)
-    result = evaluate(model, dataset, todo, batch_size=spec.batch_size, device=device, progress=progress)
-    rows = []
-    for name, attack in todo:
-        row = row_for(
-            name, attack, result.clean_acc, result.robust_acc(name), result.seconds["clean"] + result.seconds[name]
-        )
-        board.add(row, overwrite=overwrite)
-        rows.append(row)
-    return EvalReport(spec, result, rows, existing)
+def summary(reports: Sequence[CellReport]) -> list[dict[str, Any]]:
+    """Machine-readable summary (``--json``): every row of every cell, with warnings."""
+    return [{**dataclasses.asdict(r), "warnings": c.warnings} for c in reports for r in c.existing + c.rows]
+
+
+def dump_json(reports: Sequence[CellReport]) -> str:
+    return json.dumps(summary(reports), indent=2, default=str)
+
+
+__all__ = ["CellReport", "EvalSpec", "Grid", "ProgressFn", "dump_json", "parse_kwargs", "run_grid", "summary"]

@@ -91,7 +91,8 @@ def test_eval_json_and_fraction_eps(capsys: pytest.CaptureFixture, db: str) -> N
     )
     assert code == 0, out
     rows = json.loads(out)
-    assert [r["attack"] for r in rows] == ["fgsm", "pgd"]
+    assert [r["attack"] for r in rows] == ["fgsm", "pgd", "worst-case"]
+    assert rows[2]["robust_acc"] <= min(rows[0]["robust_acc"], rows[1]["robust_acc"])
     assert rows[0]["eps"] == pytest.approx(16 / 255)
 
 
@@ -185,11 +186,11 @@ def test_leaderboard_exports_have_the_same_rows(capsys: pytest.CaptureFixture, d
         "--attack-kwargs",
         "pgd.steps=3",
     )
-    for fmt, count in (("csv", 3), ("md", 4)):
+    for fmt, count in (("csv", 4), ("md", 5)):  # header (+ md rule) + fgsm, pgd, worst-case
         out_file = tmp_path / f"board.{fmt}"
         code, _, _ = run(capsys, "leaderboard", "--db", db, "--format", fmt, "--output", str(out_file))
         assert code == 0 and len(out_file.read_text().strip().splitlines()) == count
     code, out, _ = run(capsys, "leaderboard", "--db", db, "--format", "html")
-    assert code == 0 and out.count("<tr") >= 3
+    assert code == 0 and out.count("<tr") >= 4
     code, out, _ = run(capsys, "leaderboard", "--db", db)
     assert code == 0 and "fgsm" in out and "pgd" in out

@@ -1,0 +1,236 @@
+"""The evaluation pipeline: grids and configs, worst case, records, adversarial examples, resume
+after kill -9, sharded torchrun runs, diagnostics and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from robustkit import ThreatModel
+from robustkit import diagnostics as diag
+from robustkit.attacks import PGD
+from robustkit.cli import main
+from robustkit.experiment import EvalSpec, run_grid
+from robustkit.leaderboard import Leaderboard
+from robustkit.records import read_records
+
+from conftest import shared_file
+
+
+def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def robustkit_cmd(*args: str, env: dict[str, str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "robustkit", *args]
+
+
+def test_grid_two_models_two_attacks_two_eps_worst_case(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    data = shared_file("cifar10_test1000.npz")
+    models = shared_file("models")
+    db = str(tmp_path / "b.db")
+    code, out, err = cli(capsys, "eval", "--db", db, "--json", "--model", "resnet20,resnet4b",
+                         "--checkpoint", f"{models}/resnet20-12fca82f.th,{models}/abcrown_resnet4b.pth",
+                         "--dataset", f"npz:{data}", "--n-examples", "24", "--attack", "fgsm,pgd",
+                         "--attack-kwargs", "pgd.steps=5", "--eps", "2/255,8/255", "--records", str(tmp_path / "rec"),
+                         "--save-adv", str(tmp_path / "adv"))
+    assert code == 0, err
+    rows = json.loads(out)
+    assert len(rows) == 2 * 2 * 3  # models × eps × (fgsm, pgd, worst-case)
+    for model in ("resnet20", "resnet4b"):
+        for eps in (2 / 255, 8 / 255):
+            cell = {r["attack"]: r for r in rows if r["model"] == model and abs(r["eps"] - eps) < 1e-9}
+            assert cell["worst-case"]["robust_acc"] <= min(cell["fgsm"]["robust_acc"], cell["pgd"]["robust_acc"])
+            records = read_records(cell["pgd"]["extra"]["records"])
+            assert len(records) == 24
+            worst = (records["clean_pred"] == records["label"]) & ~records["success_fgsm"] & ~records["success_pgd"]
+            assert worst.mean() == pytest.approx(cell["worst-case"]["robust_acc"])
+            assert (records["norm_pgd"] <= eps + 1e-6).all()
+            adv = load_file(cell["pgd"]["extra"]["adversarial_examples"])
+            assert adv["x_adv"].shape == (24, 3, 32, 32)
+            final_ok = records["final_pred"] == records["label"]
+            assert (final_ok | ~records["robust"]).all()
+    # the robust model is more robust than the standard one at 2/255
+    acc = {(r["model"], r["attack"]): r["robust_acc"] for r in rows if abs(r["eps"] - 2 / 255) < 1e-9}
+    assert acc[("resnet4b", "worst-case")] > acc[("resnet20", "worst-case")]
+    # exports hold the same rows
+    for fmt, extra_lines in (("csv", 1), ("md", 2)):
+        code, text, _ = cli(capsys, "leaderboard", "--db", db, "--format", fmt)
+        assert len(text.strip().splitlines()) == 12 + extra_lines
+    code, text, _ = cli(capsys, "leaderboard", "--db", db, "--format", "json")
+    assert len(json.loads(text)) == 12
+
+
+def test_config_round_trip(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code, text, _ = cli(capsys, "eval", "--dump-config", "--model", "resnet20,resnet32", "--eps", "2/255,8/255",
+                        "--attack", "fgsm,pgd", "--attack-kwargs", "pgd.steps=20", "--n-examples", "10")
+    assert code == 0 and "8/255" in text
+    path = tmp_path / "eval.yaml"
+    path.write_text(text)
+    spec = EvalSpec.from_yaml(path)
+    assert spec.model == ["resnet20", "resnet32"] and spec.eps == [2 / 255, 8 / 255]
+    assert spec.attack_kwargs == {"pgd.steps": 20} and spec.n_examples == 10
+    code, again, _ = cli(capsys, "eval", "--dump-config", "--config", str(path))
+    assert again == text
+    path.write_text("modle: resnet20\n")
+    code, _, err = cli(capsys, "eval", "--config", str(path))
+    assert code == 2 and "Unknown keys" in err and "modle" in err
+
+
+def test_library_grid_and_existing_rows(tmp_path: Path) -> None:
+    spec = EvalSpec(n_examples=40, attack=["fgsm"], eps=[0.05, 0.2], batch_size=16)
+    first = run_grid(spec, db=tmp_path / "b.db")
+    assert [len(c.rows) for c in first] == [1, 1]
+    again = run_grid(spec, db=tmp_path / "b.db")
+    assert [len(c.rows) for c in again] == [0, 0] and [len(c.existing) for c in again] == [1, 1]
+    assert first[1].rows[0].robust_acc <= first[0].rows[0].robust_acc
+
+
+def _run_digits(db: Path, *extra: str) -> subprocess.Popen:
+    args = robustkit_cmd("eval", "--db", str(db), "--quiet", "--json", "--batch-size", "20", "--attack", "pgd",
+                         "--attack-kwargs", "steps=40", "--eps", "0.15", *extra)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_resume_after_kill_gives_identical_numbers(tmp_path: Path) -> None:
+    killed_db, clean_db = tmp_path / "killed" / "b.db", tmp_path / "clean" / "b.db"
+    proc = _run_digits(killed_db)
+    runs = killed_db.parent / "runs"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(runs.glob("*/batch_*.npz"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(runs.glob("*/batch_*.npz")))
+    assert 3 <= done_before < 25, "the run was not interrupted in the middle"
+    assert Leaderboard(killed_db).rows() == []
+    resumed = _run_digits(killed_db)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    uninterrupted = _run_digits(clean_db)
+    ref, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err
+    a, b = json.loads(out)[0], json.loads(ref)[0]
+    assert (a["clean_acc"], a["robust_acc"]) == (b["clean_acc"], b["robust_acc"])
+    assert len(Leaderboard(killed_db).rows()) == 1
+    assert read_records(a["extra"]["records"]).equals(read_records(b["extra"]["records"]))
+    assert not list(runs.glob("*/batch_*.npz")), "the batch store is cleared once the rows are written"
+
+
+def test_sharded_run_equals_single_process(tmp_path: Path) -> None:
+    single = _run_digits(tmp_path / "one" / "b.db", "--n-examples", "200")
+    ref, err = single.communicate(timeout=300)
+    assert single.returncode == 0, err
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "robustkit", "eval", "--db", str(tmp_path / "two" / "b.db"), "--quiet", "--json",
+                "--batch-size", "20", "--attack", "pgd", "--attack-kwargs", "steps=40", "--eps", "0.15",
+                "--n-examples", "200"]
+    proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = Leaderboard(tmp_path / "two" / "b.db").rows()
+    assert len(rows) == 1
+    b = json.loads(ref)[0]
+    assert (rows[0].clean_acc, rows[0].robust_acc) == (b["clean_acc"], b["robust_acc"])
+    assert read_records(rows[0].extra["records"]).equals(read_records(b["extra"]["records"]))
+
+
+class Softmax(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).softmax(1)
+
+
+class NoisyInEval(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + 0.01 * torch.randn_like(x))
+
+
+class Quantized(nn.Module):
+    """Rounds its input: zero gradients everywhere (classic gradient masking)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.round(x * 4) / 4)
+
+
+@pytest.fixture(scope="module")
+def digits_batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    from robustkit.data import load_dataset
+    from robustkit.models import load_model
+
+    model = load_model("digits-cnn")
+    data = load_dataset("digits", n_examples=64)
+    with torch.no_grad():
+        ok = model(data.x).argmax(1) == data.y
+    return model, data.x[ok], data.y[ok]
+
+
+def test_sanity_checks_are_silent_on_a_clean_model(digits_batch: tuple) -> None:
+    model, x, y = digits_batch
+    threat = ThreatModel("linf", 0.1)
+    assert diag.sanity_checks(model, x, y, 10, threat, "digits") == []
+    assert diag.unbounded_and_loss_checks(model, x, y, threat, PGD) == []
+
+
+@pytest.mark.parametrize("wrapper,fragment", [(Softmax, "like probabilities"), (NoisyInEval, "randomized"),
+                                              (Quantized, "exactly zero")])
+def test_sanity_checks_trip(digits_batch: tuple, wrapper: type, fragment: str) -> None:
+    model, x, y = digits_batch
+    warnings = diag.sanity_checks(wrapper(model), x, y, 10, ThreatModel("linf", 0.1), "digits")
+    assert any(fragment in w for w in warnings), warnings
+
+
+def test_gradient_masking_checks_trip_on_a_masked_model(digits_batch: tuple) -> None:
+    model, x, y = digits_batch
+    warnings = diag.unbounded_and_loss_checks(Quantized(model), x, y, ThreatModel("linf", 0.1), PGD)
+    assert any("unbounded attack" in w for w in warnings) or any("did not increase the loss" in w for w in warnings)
+    assert diag.sanity_checks(model, x, y, 10, ThreatModel("linf", 0.5), "digits")[0].startswith("Linf eps 0.5")
+
+
+def test_eps_monotonicity_and_black_box_checks() -> None:
+    assert diag.non_monotone_in_eps([(0.1, 0.5), (0.2, 0.4)], "m") == []
+    assert "rises" in diag.non_monotone_in_eps([(0.1, 0.4), (0.2, 0.5)], "m")[0]
+    from robustkit.evaluate import EvalResult
+
+    arrays = {"index": np.arange(3), "label": np.zeros(3, int), "clean_pred": np.zeros(3, int),
+              "success:pgd": np.array([True, False, False]), "success:square": np.array([True, True, False])}
+    result = EvalResult(["pgd", "square"], arrays)
+    assert "broke 1 points" in diag.black_box_stronger(result, ["square"], ["pgd"])[0]
+
+
+def test_plot_command(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    db = str(tmp_path / "b.db")
+    cli(capsys, "eval", "--db", db, "--quiet", "--n-examples", "30", "--attack", "fgsm", "--eps", "0.05,0.1")
+    for name in ("curve.png", "curve.svg"):
+        code, _, err = cli(capsys, "plot", "--db", db, "--output", str(tmp_path / name))
+        assert code == 0, err
+        assert (tmp_path / name).stat().st_size > 1000
+    code, _, err = cli(capsys, "plot", "--db", db, "--output", str(tmp_path / "curve.txt"))
+    assert code == 2 and ".png, .svg or .pdf" in err

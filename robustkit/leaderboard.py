@@ -380,6 +380,15 @@ th[data-order="desc"]::after { content: " \\25BC"; }
 """
 
 
+def _details(label: str, text: str) -> str:
+    """A JSON cell as a collapsed <details> block holding the pretty-printed JSON."""
+    try:
+        pretty = json.dumps(json.loads(text), indent=1, sort_keys=True)
+    except (TypeError, ValueError):
+        pretty = str(text)
+    return f"<details><summary>{label.replace('attack_', '')}</summary><pre>{html.escape(pretty)}</pre></details>"
+
+
 def to_html_page(df: pd.DataFrame, title: str = "robustkit leaderboard") -> str:
     """A self-contained HTML page: the table, sortable by clicking headers, with filters."""
     controls = ['<input id="filter" type="search" placeholder="filter rows">']
@@ -393,7 +402,13 @@ def to_html_page(df: pd.DataFrame, title: str = "robustkit leaderboard") -> str:
                 f'<label>{column} <select data-column="{column}">'
                 f'<option value="">all</option>{options}</select></label>'
             )
-    table = df.to_html(index=False, table_id="leaderboard", border=0, na_rep="")
+    shown = df.copy()
+    for column in shown.columns:
+        if column in ("attack_config", "extra"):  # each row links its config: an expandable block
+            shown[column] = shown[column].map(lambda text, c=column: _details(c, text))
+        elif shown[column].dtype == object:
+            shown[column] = shown[column].map(lambda v: html.escape(str(v)))
+    table = shown.to_html(index=False, table_id="leaderboard", border=0, na_rep="", escape=False)
     return (
         '<!DOCTYPE html>\n<html>\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n<style>{_HTML_STYLE}</style>\n</head>\n<body>\n"

@@ -234,3 +234,19 @@ def test_plot_command(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
         assert (tmp_path / name).stat().st_size > 1000
     code, _, err = cli(capsys, "plot", "--db", db, "--output", str(tmp_path / "curve.txt"))
     assert code == 2 and ".png, .svg or .pdf" in err
+
+
+def test_html_export_renders_in_headless_chromium(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import screenshot_leaderboard as shot
+
+    if shot.chromium() is None:
+        pytest.skip("needs Debian's chromium package (apt-get install chromium)")
+    db = str(tmp_path / "b.db")
+    cli(capsys, "eval", "--db", db, "--quiet", "--n-examples", "30", "--attack", "fgsm,pgd", "--eps", "0.1")
+    page = tmp_path / "board.html"
+    cli(capsys, "leaderboard", "--db", db, "--format", "html", "--output", str(page))
+    dom = shot.dump_dom(page)
+    assert dom.count("<tr") == 4 and "worst-case" in dom and "<details>" in dom
+    png = shot.screenshot(page, tmp_path / "board.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

@@ -3,7 +3,11 @@
 __version__ = "0.1.0"
 
 from .attack import Attack, AttackResult  # noqa: E402
+from .data import Dataset, load_dataset  # noqa: E402
 from .errors import UserError  # noqa: E402
+from .evaluate import EvalResult, evaluate  # noqa: E402
+from .models import load_model  # noqa: E402
 from .threat import ThreatModel, parse_eps  # noqa: E402
 
-__all__ = ["Attack", "AttackResult", "ThreatModel", "UserError", "parse_eps", "__version__"]
+__all__ = ["Attack", "AttackResult", "Dataset", "EvalResult", "ThreatModel", "UserError", "__version__", "evaluate",
+           "load_dataset", "load_model", "parse_eps"]

@@ -119,6 +119,8 @@ class ProgressBars:
 @click.option("--records", "records_dir", type=click.Path(file_okay=False),
               help="Folder for per-sample records (default ~/.robustkit/records).")
 @click.option("--save-adv", type=click.Path(file_okay=False), help="Store adversarial examples here (safetensors).")
+@click.option("--surrogate", help="Craft the attacks on this model and score them on --model (transfer).")
+@click.option("--surrogate-checkpoint", help="Checkpoint of the surrogate model.")
 @click.option("--config", type=click.Path(dir_okay=False, exists=True), help="Read the evaluation from a YAML file.")
 @click.option("--dump-config", is_flag=True, help="Print the YAML config of this command line and exit.")
 @click.option("--db", type=click.Path(dir_okay=False), help="Leaderboard file (default ~/.robustkit/leaderboard.db).")
@@ -276,3 +278,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+from .train_cli import train_cmd  # noqa: E402
+
+cli.add_command(train_cmd)

@@ -85,7 +85,7 @@ class EvalSpec:
     """A grid: every model (with its checkpoint) at every eps under all attacks, on one data set.
     Round-trips through YAML (``--config`` / ``--dump-config``)."""
 
-    model: list[str] = field(default_factory=lambda: ["digits-cnn"])
+    model: list[str] = field(default_factory=list)  # empty: from the checkpoints' sidecars, else digits-cnn
     checkpoint: list[str | None] = field(default_factory=list)
     sha256: str | None = None
     normalize: str | None = "default"
@@ -104,14 +104,18 @@ class EvalSpec:
     diagnose: bool | None = None  # None: on when the attacks include autoattack
     records_dir: str | None = None
     save_adv: str | None = None
+    surrogate: str | None = None  # craft on this model, score on each evaluated model (transfer)
+    surrogate_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         self.model = _split(self.model)
         self.attack = _split(self.attack)
         self.checkpoint = [c or None for c in _split(self.checkpoint)]
         self.eps = [parse_eps(e) for e in _split(self.eps if not isinstance(self.eps, int | float) else [self.eps])]
-        if not self.model or not self.attack or not self.eps:
-            raise UsageError("An evaluation needs at least one model, one attack and one eps.")
+        if not self.model:
+            self.model = [_model_from_sidecar(c) for c in self.checkpoint] or ["digits-cnn"]
+        if not self.attack or not self.eps:
+            raise UsageError("An evaluation needs at least one attack and one eps.")
         if self.checkpoint and len(self.checkpoint) not in (1, len(self.model)):
             raise UsageError(f"Give one checkpoint per model: {len(self.model)} models, "
                              f"{len(self.checkpoint)} checkpoints.")
@@ -172,11 +176,20 @@ class Grid:
         self.dataset: Dataset = load_dataset(spec.dataset, data_dir=spec.data_dir, split=spec.split,
                                              n_examples=spec.n_examples, download=spec.download)
         self.device = resolve_device(dist.local_device(spec.device))
+        self.surrogate = None
+        if spec.surrogate:
+            self.surrogate = load_model(spec.surrogate, spec.surrogate_checkpoint).to(self.device).eval()
 
     def attacks(self, threat: ThreatModel) -> list[tuple[str, Attack]]:
         names = [ATTACKS.canonical(a) for a in self.spec.attack]
-        return [(n, build_attack(n, threat, seed=self.spec.seed, **options_for(n, self.spec.attack_kwargs)))
-                for n in names]
+        attacks = [(n, build_attack(n, threat, seed=self.spec.seed, **options_for(n, self.spec.attack_kwargs)))
+                   for n in names]
+        if getattr(self, "surrogate", None) is None:
+            return attacks
+        from .attacks import Transferred
+
+        label = self.spec.surrogate
+        return [(f"{n}@{label}", Transferred(a, self.surrogate, label)) for n, a in attacks]
 
     def _rows(self, model: str, sha: str, threat: ThreatModel, attacks: list[tuple[str, Attack]],
               result: EvalResult | None, extra: dict[str, Any]) -> list[ResultRow]:
@@ -205,7 +218,7 @@ class Grid:
         existing = [self.board.get(r) for r in planned if self.board.exists(r)]
         if len(existing) == len(planned) and not self.overwrite:
             return CellReport(name, threat.eps, [], existing)
-        model = load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256)
+        model = _load(name, checkpoint, spec)
         key = canonical_json({"model": name, "sha": sha, "normalize": spec.normalize, "data": self.dataset.name,
                               "split": spec.split, "n": len(self.dataset), "norm": threat.norm,
                               "eps": eps_str(threat.eps), "attacks": {n: a.config() for n, a in attacks},
@@ -265,6 +278,25 @@ class Grid:
                     cells[-1].warnings += diag.non_monotone_in_eps(curve, f"{self.spec.model[i]} / {name}")
             reports += cells
         return reports
+
+
+def _model_from_sidecar(checkpoint: str | None) -> str:
+    """The model a ``robustkit train`` checkpoint's sidecar records (so --model can be left out);
+    the default model when the checkpoint has no sidecar."""
+    from .train import read_sidecar, sidecar_model_name
+
+    side = read_sidecar(checkpoint) if checkpoint else None
+    return sidecar_model_name(side) if side is not None else "digits-cnn"
+
+
+def _load(name: str, checkpoint: str | None, spec: EvalSpec) -> torch.nn.Module:
+    """The model; a checkpoint written by ``robustkit train`` brings its own normalization and transforms."""
+    from .train import load_trained_model, read_sidecar, sidecar_model_name
+
+    side = read_sidecar(checkpoint) if checkpoint else None
+    if side is not None and spec.normalize == "default" and sidecar_model_name(side) == name:
+        return load_trained_model(checkpoint)
+    return load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256)
 
 
 def _checkpoint_sha(model: str, checkpoint: str | None) -> str:

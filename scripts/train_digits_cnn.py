@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from robustkit.attacks import PGD
 from safetensors.torch import save_file
 
 from robustkit import ThreatModel
+from robustkit.attacks import PGD
 from robustkit.data import load_dataset
 from robustkit.models import build_model
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import robustkit.attacks  # noqa: F401
 import torch
 from torch import nn
 
+import robustkit.attacks  # noqa: F401
 from robustkit import ThreatModel
 from robustkit.errors import DataError, UsageError
 from robustkit.registry import ATTACKS

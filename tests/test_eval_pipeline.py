@@ -250,3 +250,18 @@ def test_html_export_renders_in_headless_chromium(capsys: pytest.CaptureFixture,
     assert dom.count("<tr") == 4 and "worst-case" in dom and "<details>" in dom
     png = shot.screenshot(page, tmp_path / "board.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_surrogate_transfer_cell(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    data, models = shared_file("cifar10_test1000.npz"), shared_file("models")
+    common = ["--db", str(tmp_path / "b.db"), "--json", "--model", "resnet32", "--checkpoint",
+              f"{models}/resnet32-d509ac18.th", "--dataset", f"npz:{data}", "--n-examples", "32", "--attack", "mi-fgsm",
+              "--eps", "8/255"]
+    code, out, err = cli(capsys, "eval", *common, "--surrogate", "resnet20", "--surrogate-checkpoint",
+                         f"{models}/resnet20-12fca82f.th")
+    assert code == 0, err
+    (transfer,) = json.loads(out)
+    assert transfer["attack"] == "mi-fgsm@resnet20" and transfer["attack_config"]["surrogate"] == "resnet20"
+    code, out, err = cli(capsys, "eval", *common)
+    (white,) = json.loads(out)
+    assert white["robust_acc"] <= transfer["robust_acc"] < transfer["clean_acc"]

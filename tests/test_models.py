@@ -8,7 +8,6 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from conftest import cifar10_test, mnist_test, pyautoattack_checkpoint, shared_file
 from safetensors.torch import save_file
 from torch import nn
 
@@ -27,6 +26,8 @@ from robustkit.models import (
     parse_normalize,
 )
 from robustkit.registry import MODELS
+
+from conftest import cifar10_test, mnist_test, pyautoattack_checkpoint, shared_file
 
 # Building WRN-70-16 (267M parameters) takes seconds; build it on the meta device, no forward.
 BUILD_ONLY = {"wrn-70-16"}

@@ -1,0 +1,223 @@
+"""``robustkit train``: options -> :class:`~robustkit.train.TrainConfig` -> :func:`~robustkit.train.train`.
+
+Thin on purpose: every option is a ``TrainConfig`` field; ``--config FILE`` reads the same
+fields from YAML, options given on the command line override it, ``--dump-config`` prints the
+resolved YAML and exits. Values are validated by the library (one red line, exit 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+# (option, TrainConfig field, click type, help) for the plain value options.
+_VALUE_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--model", "model", str, "Registered model name, timm:NAME or torchvision:NAME (default digits-cnn)."),
+    ("--checkpoint", "checkpoint", str, "Initial weights to start from (.safetensors or weights_only .pt)."),
+    ("--normalize", "normalize", str, "default (the model's), none, cifar10, imagenet or m1,m2,m3:s1,s2,s3."),
+    ("--dataset", "dataset", str, "Registered dataset or npz:PATH (default digits)."),
+    ("--data-dir", "data_dir", str, "Folder with the torchvision dataset files."),
+    ("--split", "split", str, "Training split (default train)."),
+    ("--n-examples", "n_examples", int, "Train on the first N examples."),
+    ("--val-dataset", "val_dataset", str, "Held-out data for per-epoch robust accuracy (default: --dataset)."),
+    ("--val-split", "val_split", str, "Split of the held-out data (default test)."),
+    ("--val-size", "val_size", int, "Held-out images for per-epoch metrics and the CO detector (0: off; 256)."),
+    ("--norm", "norm", str, "linf (default) or l2."),
+    ("--eps", "eps", str, "Radius, e.g. 8/255 or 0.3."),
+    ("--eps-warmup-epochs", "eps_warmup_epochs", float, "Ramp the training eps linearly from 0 over these epochs."),
+    ("--epochs", "epochs", int, "Epochs (default 10)."),
+    ("--batch-size", "batch_size", int, "Batch size (default 128)."),
+    ("--lr", "lr", float, "Peak learning rate (default 0.05)."),
+    ("--optimizer", "optimizer", str, "sgd (default), adam, adamw or lamb."),
+    ("--momentum", "momentum", float, "SGD momentum (default 0.9)."),
+    ("--weight-decay", "weight_decay", float, "Weight decay (default 5e-4)."),
+    ("--schedule", "schedule", str, "constant, multistep, cosine, cyclic or warmup (default: the method's)."),
+    ("--warmup-epochs", "warmup_epochs", float, "Linear learning-rate warmup in front of the schedule."),
+    ("--grad-clip", "grad_clip", float, "Clip the gradient norm to this value."),
+    ("--ema", "ema", float, "Keep an EMA of the weights with this decay (e.g. 0.999); saved as final."),
+    ("--autocast", "autocast", str, "bf16 (CPU or CUDA) or fp16 (CUDA) mixed precision."),
+    ("--attack-steps", "attack_steps", int, "Steps of the training attack (default: the method's)."),
+    ("--attack-step-size", "attack_step_size", str, "Step size of the training attack, e.g. 2/255."),
+    ("--beta", "beta", float, "TRADES/MART beta (default 6)."),
+    ("--mask-ratio", "mask_ratio", float, "Fraction of pixels the mask trick masks (default 0.4, ours)."),
+    ("--mask-pattern", "mask_pattern", str, "random (per batch; default) or fixed."),
+    ("--stride", "stride", int, "First-conv stride of the stride trick (default 2, ours)."),
+    ("--activation", "activation", str, "Smooth-act trick activation: silu (default, ours), softplus, gelu, elu."),
+    ("--reg-lambda", "reg_lambda", float, "Weight-reg trick strength (default 0.1, ours)."),
+    ("--reg-p", "reg_p", float, "Weight-reg trick exponent: lambda * sum |w|^p (default 2, ours)."),
+    ("--on-co", "on_co", str, "On catastrophic overfitting: continue (default), stop or rollback."),
+    ("--co-every", "co_every", int, "Also check for CO every N steps (default 0: at epoch ends only)."),
+    ("--co-patience", "co_patience", int, "Consecutive suspect checks that flag CO (default 2)."),
+    ("--seed", "seed", int, "Seed (default 0)."),
+    ("--device", "device", str, "auto (default), cpu, cuda, cuda:N or mps."),
+    ("--out", "out", str, "Output folder (default runs/METHOD-MODEL)."),
+    ("--eval-n-examples", "eval_n_examples", int, "Evaluate --eval on the first N held-out examples."),
+    ("--db", "db", str, "Leaderboard file for --eval (default ~/.robustkit/leaderboard.db)."),
+]
+_FLAG_OPTIONS = [("--resume", "resume", "Continue the run in --out from its last epoch checkpoint."),
+                 ("--channels-last", "channels_last", "Use the channels_last memory format.")]
+
+
+def _add_options(fn: Any) -> Any:
+    for opt, dest, typ, help_text in reversed(_VALUE_OPTIONS):
+        fn = click.option(opt, dest, type=typ, default=None, help=help_text)(fn)
+    for opt, dest, help_text in reversed(_FLAG_OPTIONS):
+        fn = click.option(opt, dest, is_flag=True, default=False, help=help_text)(fn)
+    return fn
+
+
+@click.command("train")
+@click.argument("method", required=False)
+@click.option("--trick", "tricks", multiple=True,
+              help="FGSM-AT trick (repeatable): mask, stride, smooth-act, weight-reg.")
+@click.option("--eval", "eval_attacks", multiple=True, help="Evaluate the final checkpoint with these attacks "
+              "(repeatable or comma-separated) and write leaderboard rows.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Read options from this YAML file.")
+@click.option("--dump-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@_add_options
+@click.pass_context
+def train_cmd(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval_attacks: tuple[str, ...],
+              config_file: str | None, dump_config: bool, quiet: bool, **options: Any) -> None:
+    """Train a model with METHOD (standard, pgd-at, trades, mart, fgsm-rs, fgsm-at).
+
+    Saves per-epoch checkpoints, metrics (CSV/JSON) and final .safetensors weights with a JSON
+    sidecar in --out; flags catastrophic overfitting (PGD accuracy collapsing while FGSM
+    accuracy stays high) on a held-out batch.
+
+    \b
+    Examples:
+      robustkit train pgd-at --model digits-cnn --dataset digits --eps 0.1 --epochs 5 --out runs/digits-pgd
+      robustkit train fgsm-at --trick mask --trick weight-reg --model mnist-smallcnn \\
+          --dataset npz:../shared/data/mnist.npz --eps 0.3 --epochs 5 --out runs/mnist-fgsm
+      robustkit train fgsm-rs --dataset digits --eps 0.1 --epochs 3 --out runs/d --eval pgd
+      robustkit train --config train.yaml --resume
+      robustkit train trades --model preactresnet18 --eps 8/255 --dump-config > train.yaml
+    """
+    from .train import TrainConfig
+
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(TrainConfig.from_yaml(Path(config_file)).to_dict())
+    if method is not None:
+        values["method"] = method
+    for name, value in options.items():
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or (
+            value is not None and not isinstance(value, bool)
+        ):
+            values[name] = value
+    if tricks:
+        values["tricks"] = list(tricks)
+    if eval_attacks:
+        values["eval_attacks"] = [a.strip() for item in eval_attacks for a in item.split(",") if a.strip()]
+    if "attack_step_size" in values and isinstance(values["attack_step_size"], str):
+        from .threat import parse_eps
+
+        values["attack_step_size"] = parse_eps(values["attack_step_size"])
+    if "method" not in values:
+        from .errors import UsageError
+
+        raise UsageError("Name a training method (e.g. `robustkit train pgd-at`) or give --config FILE.")
+    if not values.get("out") and not dump_config:
+        model = re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(values.get("model", "digits-cnn")))
+        values["out"] = f"runs/{values['method']}-{model}"
+    config = TrainConfig.from_dict(values)
+    if dump_config:
+        click.echo(config.to_yaml(), nl=False)
+        return
+    _run(config, quiet)
+
+
+def _run(config: Any, quiet: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+    from rich.text import Text
+
+    from .cli import err, out
+    from .train import TrainEvent, train
+
+    logging.getLogger("robustkit.train").addHandler(logging.NullHandler())
+    bar = Progress(
+        TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(), console=err, transient=True,
+    )  # fmt: skip
+    state: dict[str, Any] = {"task": None, "co": False, "pgd": None}
+
+    def status() -> str:
+        parts = []
+        if state.get("loss") is not None:
+            parts.append(f"loss {state['loss']:.3f}")
+        if state["pgd"] is not None:
+            parts.append(f"pgd {state['pgd']:.1%}")
+        if state["co"]:
+            parts.append("[bold red]CO![/]")
+        return "  ".join(parts)
+
+    def on_event(ev: TrainEvent) -> None:
+        if ev.kind == "start":
+            if ev.epoch:
+                err.print(Text(f"Resuming {config.out} after epoch {ev.epoch}.", style="cyan"))
+            return
+        if ev.kind == "co":
+            state["co"] = True
+            bar.console.print(Text(f"Catastrophic overfitting (epoch {ev.info['epoch']}, step {ev.info['step']}): "
+                                   f"{ev.info['reason']}; --on-co {config.on_co}.", style="yellow"), soft_wrap=True)
+        if ev.kind == "check":
+            state["pgd"] = ev.info["pgd_acc"]
+        if quiet:
+            return
+        if ev.kind == "step":
+            state["loss"] = ev.loss
+            desc = f"epoch {ev.epoch + 1}/{ev.epochs}"
+            if state["task"] is None:
+                bar.start()
+                state["task"] = bar.add_task(desc, total=ev.steps, status="")
+            bar.update(state["task"], description=desc, completed=ev.step, total=ev.steps, status=status())
+        elif ev.kind == "epoch" and state["task"] is not None:
+            bar.update(state["task"], status=status())
+
+    try:
+        result = train(config, progress=on_event)
+    finally:
+        if state["task"] is not None:
+            bar.stop()
+    table = Table(title=f"{config.method} on {config.model}, {config.dataset}, {config.norm} eps={config.eps:.4g}")
+    for col in ("epoch", "loss", "train acc", "clean", "FGSM", "PGD-10", "CO", "seconds"):
+        table.add_column(col, justify="right")
+    for r in result.history:
+        table.add_row(str(r["epoch"]), f"{r['loss']:.3f}", f"{r['train_acc']:.1%}", _pct(r["clean_acc"]),
+                      _pct(r["fgsm_acc"]), _pct(r["pgd_acc"]), "[red]yes[/]" if r["co"] else "", f"{r['seconds']:.1f}")
+    out.print(table)
+    if result.co_detected:
+        err.print(Text("Catastrophic overfitting was detected (see metrics.json)."
+                       + (" Training stopped early." if result.stopped_early else ""), style="yellow"))
+    if result.weights is not None:
+        err.print(Text(f"Weights: {result.weights} (sidecar {result.sidecar.name if result.sidecar else '-'}); "
+                       f"metrics: {result.weights.parent / 'metrics.csv'}."))
+    for report in result.eval_report or []:
+        _print_eval(report, out)
+
+
+def _print_eval(report: Any, console: Any) -> None:
+    from rich.table import Table
+
+    rows = report.existing + report.rows
+    if not rows:
+        return
+    first = rows[0]
+    table = Table(title=f"--eval: {first.model} on {first.dataset} (n={first.n_examples}), {first.norm} "
+                        f"eps={first.eps:.4g}")
+    for col in ("attack", "clean acc", "robust acc", "seconds"):
+        table.add_column(col, justify="left" if col == "attack" else "right")
+    for r in rows:
+        table.add_row(r.attack, f"{r.clean_acc:.2%}", f"{r.robust_acc:.2%}", f"{r.seconds:.1f}")
+    console.print(table)
+
+
+def _pct(v: float) -> str:
+    return "" if v != v else f"{v:.1%}"

@@ -120,7 +120,7 @@ def render(results: list, args: argparse.Namespace) -> str:
     lines = [
         "# Catastrophic overfitting of FGSM-AT and the bag of tricks",
         "",
-        f"`python benchmarks/co_fgsm_tricks.py {' '.join(sys.argv[1:])}`".rstrip() + f" — {args.model} on "
+        f"`{' '.join(['python benchmarks/co_fgsm_tricks.py', *sys.argv[1:]])}` — {args.model} on "
         f"{DATA_TEXT[args.data].format(n=args.n, v=args.val_size, n_1=args.n - 1, v_1=args.val_size - 1)}, "
         f"Linf eps {args.eps}, {args.epochs} epochs, {args.optimizer} lr {args.lr} ({args.schedule}), batch 128, "
         f"seed {args.seed}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU. "
@@ -128,14 +128,16 @@ def render(results: list, args: argparse.Namespace) -> str:
         f"after every epoch. Tricks at robustkit's defaults: mask ratio {cfg.mask_ratio}, reg lambda "
         f"{cfg.reg_lambda}, p {cfg.reg_p} (ours; see defenses/fgsm_tricks.py).",
         "",
-        "| run | CO flagged (first epoch) | best PGD acc | final clean | final FGSM | final PGD | minutes |",
-        "|---|---|---|---|---|---|---|",
+        "| run | CO flagged (first epoch) | flagged at the end | best PGD acc | final clean | final FGSM | final PGD "
+        "| minutes |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run, _cfg, res, seconds, first in results:
         h = res.history
         best = max(r["pgd_acc"] for r in h)
         lines.append(
-            f"| {run} | {'**yes** (epoch ' + str(first.epoch) + ')' if first else 'no'} | {best:.1%} | "
+            f"| {run} | {'**yes** (epoch ' + str(first.epoch) + ')' if first else 'no'} | "
+            f"{'yes' if res.checks and res.checks[-1].flagged else 'no'} | {best:.1%} | "
             f"{h[-1]['clean_acc']:.1%} | {h[-1]['fgsm_acc']:.1%} | {h[-1]['pgd_acc']:.1%} | {seconds / 60:.1f} |"
         )
     epochs = sorted({e for e in range(args.every, args.epochs + 1, args.every)} | {1, args.epochs})

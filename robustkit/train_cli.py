@@ -93,8 +93,9 @@ def train_cmd(ctx: click.Context, method: str | None, tricks: tuple[str, ...], e
     \b
     Examples:
       robustkit train pgd-at --model digits-cnn --dataset digits --eps 0.1 --epochs 5 --out runs/digits-pgd
-      robustkit train fgsm-at --trick mask --trick weight-reg --model mnist-smallcnn \\
-          --dataset npz:../shared/data/mnist.npz --eps 0.3 --epochs 5 --out runs/mnist-fgsm
+      robustkit train fgsm-at --trick weight-reg --model mnist-cnn-a --dataset npz:../shared/data/mnist.npz \\
+          --n-examples 10000 --eps 0.3 --eps-warmup-epochs 2 --optimizer adam --lr 1e-3 --epochs 10 \\
+          --on-co stop --out runs/mnist-fgsm-wr
       robustkit train fgsm-rs --dataset digits --eps 0.1 --epochs 3 --out runs/d --eval pgd
       robustkit train --config train.yaml --resume
       robustkit train trades --model preactresnet18 --eps 8/255 --dump-config > train.yaml

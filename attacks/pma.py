@@ -3,7 +3,8 @@ Stronger Individual Attacks", arXiv 2411.15210).
 
 PMA maximizes the probability margin ``p_max_other - p_y`` (``pm`` in attacks.losses). The
 step schedule is the authors' code, OpenTAI/taiadv ``taiadv/vision/white-box/attacks/PMA.py``
-(``MDAttack(loss_fn='pm')``; the same schedule is in xieyong0/PMA ``attacks/MD.py``), which
+(``MDAttack(loss_fn='pm')``, commit ae28cb78; the same schedule is in xieyong0/PMA
+``attacks/MD.py``, commit 0ba7e381, and PMA+ in the ``attack_handler.py`` next to each), which
 takes the two-stage scheme of the MD attack (Ma et al., "Imbalanced Gradients"):
 
 * per restart, two stages, each from a fresh uniform random start, each ``steps`` sign

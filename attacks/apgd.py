@@ -43,6 +43,7 @@ from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
 
 from .losses import get_loss
+from .targets import TargetClasses
 
 MOMENTUM = 0.75
 
@@ -441,9 +442,8 @@ class APGDDLR(APGD):
     name = "apgd-dlr"
     default_loss = "dlr"
 
-
 @ATTACKS.register("apgd-t", aliases=("apgd-dlr-t",))
-class APGDT(APGD):
+class APGDT(TargetClasses, APGD):
     """Targeted Auto-PGD on the targeted DLR loss (AutoAttack's APGD-T; >= 4 classes).
 
     Without a ``target`` it runs once per target class (``restarts`` runs each), for the
@@ -455,26 +455,6 @@ class APGDT(APGD):
 
     name = "apgd-t"
     default_loss = "dlr"
-
-    def __init__(self, threat: ThreatModel, *, n_target_classes: int | None = None, **kwargs: Any):
-        super().__init__(threat, **kwargs)
-        if n_target_classes is not None and n_target_classes < 1:
-            raise UsageError(f"{self.name} needs n_target_classes >= 1, got {n_target_classes}.")
-        self.n_target_classes = n_target_classes
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "n_target_classes": self.n_target_classes}
-
-    def target_count(self, num_classes: int) -> int:
-        """How many target classes a ``num_classes``-class model gets."""
-        if self.n_target_classes is None:
-            return min(9, num_classes - 1)
-        if self.n_target_classes > num_classes - 1:
-            raise UsageError(
-                f"{self.name}: n_target_classes={self.n_target_classes} but a {num_classes}-class "
-                f"model has only {num_classes - 1} classes other than the true one."
-            )
-        return self.n_target_classes
 
     def perturb(
         self,

@@ -39,6 +39,8 @@ from robustkit.errors import UsageError
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
 
+from .targets import TargetClasses
+
 Projection = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -296,32 +298,12 @@ class FAB(Attack):
 
 
 @ATTACKS.register("fab-t")
-class FABT(FAB):
+class FABT(TargetClasses, FAB):
     """Targeted FAB, as AutoAttack's ``FABAttack_PT(targeted=True)`` in its standard version:
     one run per target class, the 2nd to ``(n_target_classes + 1)``-th most likely classes at
     the clean point (``n_target_classes`` defaults to ``min(9, C - 1)``)."""
 
     name = "fab-t"
-
-    def __init__(self, threat: ThreatModel, *, n_target_classes: int | None = None, **kwargs: Any):
-        super().__init__(threat, **kwargs)
-        if n_target_classes is not None and n_target_classes < 1:
-            raise UsageError(f"{self.name} needs n_target_classes >= 1, got {n_target_classes}.")
-        self.n_target_classes = n_target_classes
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "n_target_classes": self.n_target_classes}
-
-    def target_count(self, num_classes: int) -> int:
-        """How many target classes a ``num_classes``-class model gets."""
-        if self.n_target_classes is None:
-            return min(9, num_classes - 1)
-        if self.n_target_classes > num_classes - 1:
-            raise UsageError(
-                f"{self.name}: n_target_classes={self.n_target_classes} but a {num_classes}-class "
-                f"model has only {num_classes - 1} classes other than the true one."
-            )
-        return self.n_target_classes
 
     def target_classes(self, logits: torch.Tensor) -> list[torch.Tensor]:
         """The target of each run: the 2nd, 3rd, ... most likely classes of ``logits``."""

@@ -442,6 +442,7 @@ class APGDDLR(APGD):
     name = "apgd-dlr"
     default_loss = "dlr"
 
+
 @ATTACKS.register("apgd-t", aliases=("apgd-dlr-t",))
 class APGDT(TargetClasses, APGD):
     """Targeted Auto-PGD on the targeted DLR loss (AutoAttack's APGD-T; >= 4 classes).

@@ -9,6 +9,7 @@ comparisons (>= 200 images, 100 iterations) are marked slow.
 from __future__ import annotations
 
 import time
+from types import ModuleType
 
 import pytest
 import torch
@@ -23,7 +24,10 @@ from robustkit.registry import ATTACKS
 
 from conftest import cifar10_test, pyautoattack_checkpoint, shared_file
 
-pyautoattack = pytest.importorskip("pyautoattack.autopgd_base")
+
+def reference() -> ModuleType:
+    """pyautoattack's APGD module (imported only by the tests that compare with it)."""
+    return pytest.importorskip("pyautoattack.autopgd_base")
 
 
 def resnet4b() -> nn.Module:
@@ -35,8 +39,9 @@ def resnet18() -> nn.Module:
 
 
 def linear_model(num_classes: int, scale: float = 1.0) -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, num_classes))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, num_classes))
     with torch.no_grad():
         model[1].weight.mul_(scale)
     return model.eval()
@@ -54,9 +59,13 @@ def robust_after_reference(
 ) -> torch.Tensor:
     """Per-sample robustness under pyautoattack's APGDAttack (ce/dlr) or APGDAttack_targeted."""
     if kind == "t":
-        ref = pyautoattack.APGDAttack_targeted(model, n_iter=steps, norm=norm, eps=eps, seed=seed, n_restarts=1)
+        ref = reference().APGDAttack_targeted(
+            model, n_iter=steps, norm=norm, eps=eps, seed=seed, n_restarts=1
+        )
     else:
-        ref = pyautoattack.APGDAttack(model, n_iter=steps, norm=norm, eps=eps, seed=seed, loss=kind, n_restarts=1)
+        ref = reference().APGDAttack(
+            model, n_iter=steps, norm=norm, eps=eps, seed=seed, loss=kind, n_restarts=1
+        )
     x_adv = ref.perturb(x, y)
     with torch.no_grad():
         return model(x_adv).argmax(1) == y
@@ -80,7 +89,7 @@ def test_l1_box_projection_matches_reference() -> None:
     for eps in (0.5, 12.0, 1e4):
         v = 2 * torch.randn(8, 3, 16, 16, generator=g)
         ours = x + project_l1_box(x, v, eps)
-        ref = x + v + pyautoattack.L1_projection(x, v, eps)
+        ref = x + v + reference().L1_projection(x, v, eps)
         assert torch.allclose(ours, ref, atol=5e-4)  # the reference is float32-accurate to ~1e-4
         exact = x.double() + project_l1_box(x.double(), v.double(), eps)
         assert torch.allclose(ours.double(), exact, atol=1e-6)
@@ -102,8 +111,8 @@ def test_agrees_with_pyautoattack_small(kind: str) -> None:
     cls = APGDT if kind == "t" else APGD
     robust = ~cls(ThreatModel("linf", eps), steps=20, seed=1)(model, x, y).success
     print(
-        f"apgd-{kind}: pyautoattack {int(ref_robust.sum())}/64 robust, robustkit {int(robust.sum())}/64, "
-        f"agreement {int((robust == ref_robust).sum())}/64"
+        f"apgd-{kind}: pyautoattack {int(ref_robust.sum())}/64 robust, "
+        f"robustkit {int(robust.sum())}/64, agreement {int((robust == ref_robust).sum())}/64"
     )
     assert abs(int(robust.sum()) - int(ref_robust.sum())) <= 2
     assert int((robust == ref_robust).sum()) >= 60
@@ -120,7 +129,9 @@ def test_agrees_with_pyautoattack_small(kind: str) -> None:
         (APGD, "l1", 12.0, {"use_largereps": True}),
     ],
 )
-def test_early_stop_gives_the_same_outcome(cls: type[APGD], norm: str, eps: float, kwargs: dict) -> None:
+def test_early_stop_gives_the_same_outcome(
+    cls: type[APGD], norm: str, eps: float, kwargs: dict
+) -> None:
     # float64, so that the different batch compositions cannot flip a gradient sign by rounding
     model = resnet4b().double()
     x, y = cifar10_test(24)
@@ -165,7 +176,9 @@ def test_loss_is_the_best_loss() -> None:
 
 
 @pytest.mark.parametrize("num_classes,expected", [(5, 4), (10, 9), (12, 9)])
-def test_apgd_t_uses_min_9_c_minus_1_targets(num_classes: int, expected: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_apgd_t_uses_min_9_c_minus_1_targets(
+    num_classes: int, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = linear_model(num_classes)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 8, 8, generator=g)

@@ -470,15 +470,12 @@ class APGDT(TargetClasses, APGD):
         with torch.no_grad():
             clean = forward(x)
         self.check_classes(clean.shape[1], targeted=True)
-        ranked = clean.argsort(1, descending=True)  # ranked[:, 0] is the true class
         batch = _Batch(x)
-        for rank in range(1, self.target_count(clean.shape[1]) + 1):
+        for towards in self.target_classes(clean):
             for _ in range(self.restarts):
                 rows = batch.todo()
                 if not len(rows):
                     return batch.result()
-                run = self.attack_once(
-                    forward, x[rows], y[rows], ranked[rows, rank], None, generator
-                )
+                run = self.attack_once(forward, x[rows], y[rows], towards[rows], None, generator)
                 batch.merge(rows, run)
         return batch.result()

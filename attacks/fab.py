@@ -305,11 +305,6 @@ class FABT(TargetClasses, FAB):
 
     name = "fab-t"
 
-    def target_classes(self, logits: torch.Tensor) -> list[torch.Tensor]:
-        """The target of each run: the 2nd, 3rd, ... most likely classes of ``logits``."""
-        ranked = logits.sort(1).indices  # ascending, as the reference
-        return [ranked[:, -rank] for rank in range(2, self.target_count(logits.shape[1]) + 2)]
-
     def perturb(
         self,
         forward: Forward,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from robustkit.errors import UsageError
 from robustkit.threat import ThreatModel
 
@@ -33,3 +35,8 @@ class TargetClasses:
                 f"model has only {num_classes - 1} classes other than the true one."
             )
         return self.n_target_classes
+
+    def target_classes(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        """The target of each run: the 2nd, 3rd, ... most likely classes of ``logits``."""
+        ranked = logits.sort(1).indices  # ascending, as the reference
+        return [ranked[:, -rank] for rank in range(2, self.target_count(logits.shape[1]) + 2)]

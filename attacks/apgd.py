@@ -140,7 +140,9 @@ class APGD(Attack):
     """Auto-PGD (Croce & Hein, 2020) with the cross-entropy loss, as AutoAttack's APGD-CE.
 
     ``steps`` and ``restarts`` are AutoAttack's ``n_iter`` and ``n_restarts`` (defaults 100
-    and 1, as in AutoAttack's standard version). ``loss`` is any of attacks.losses (ce, dlr,
+    and 1, as in AutoAttack's standard version); ``eot_iter`` averages each gradient over that
+    many forward passes (Expectation over Transformation, AutoAttack's ``rand`` version uses 20;
+    logits and loss are those of the last pass, as the reference). ``loss`` is any of attacks.losses (ce, dlr,
     cw, pm); with a ``target`` its targeted form is maximized and success means hitting it.
     """
 
@@ -157,9 +159,12 @@ class APGD(Attack):
         loss: str | None = None,
         rho: float = 0.75,
         use_largereps: bool = False,
+        eot_iter: int = 1,
         **kwargs: Any,
     ):
         super().__init__(threat, **kwargs)
+        if eot_iter < 1:
+            raise UsageError(f"{self.name} needs eot_iter >= 1, got {eot_iter}.")
         if steps < 1 or restarts < 1:
             raise UsageError(
                 f"{self.name} needs steps >= 1 and restarts >= 1, "
@@ -177,6 +182,7 @@ class APGD(Attack):
         self.loss_fn = get_loss(self.loss_name)
         self.rho = rho
         self.use_largereps = use_largereps
+        self.eot_iter = eot_iter
 
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {
@@ -187,6 +193,8 @@ class APGD(Attack):
         }
         if self.threat.norm == "l1":
             cfg["use_largereps"] = self.use_largereps
+        if self.eot_iter > 1:
+            cfg["eot_iter"] = self.eot_iter
         return cfg
 
     # -- checks --------------------------------------------------------------------------
@@ -286,12 +294,14 @@ class APGD(Attack):
             with torch.no_grad():
                 logits = forward(xa)
                 return logits, self.loss_fn(logits, y, target), None
-        with torch.enable_grad():
-            xa = xa.detach().requires_grad_(True)
-            logits = forward(xa)
-            loss = self.loss_fn(logits, y, target)
-            (grad,) = torch.autograd.grad(loss.sum(), xa)
-        return logits.detach(), loss.detach(), grad.detach()
+        grad = torch.zeros_like(xa)
+        for _ in range(self.eot_iter):  # EOT: average the gradient over the model's randomness
+            with torch.enable_grad():
+                xg = xa.detach().requires_grad_(True)
+                logits = forward(xg)
+                loss = self.loss_fn(logits, y, target)
+                grad += torch.autograd.grad(loss.sum(), xg)[0]
+        return logits.detach(), loss.detach(), grad / self.eot_iter
 
     def step(
         self,

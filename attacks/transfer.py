@@ -319,6 +319,9 @@ class Transferred:
     def config(self) -> dict[str, Any]:
         return {**self.attack.config(), "surrogate": self.surrogate_name}
 
+    def stage_names(self) -> list[str]:
+        return []  # a cascade's stages are scored on the surrogate; only the final outcome transfers
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                  target: torch.Tensor | None = None) -> AttackResult:
         return transfer_attack(self.attack, self.surrogate.to(x.device), model, x, y, target=target)

@@ -30,6 +30,7 @@ class AttackResult:
     success: torch.Tensor
     queries: torch.Tensor | None = None
     loss: torch.Tensor | None = None
+    stages: dict[str, torch.Tensor] | None = None  # a cascade's cumulative success after each stage
 
     @property
     def robust_accuracy(self) -> float:
@@ -53,11 +54,24 @@ class Forward:
                 out = self.model(x)
         else:
             out = self.model(x)
-        if not isinstance(out, torch.Tensor):
-            raise UsageError(
-                f"The model returned {type(out).__name__}; robustkit needs a model that returns a logits tensor."
-            )
-        return out.float()
+        return logits_of(out).float()
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, a tuple's first element or a dict's
+    ``logits`` (models with auxiliary outputs; the sanity checks warn when this is used)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, dict):
+        if isinstance(out.get("logits"), torch.Tensor):
+            return out["logits"]
+        tensors = [v for v in out.values() if isinstance(v, torch.Tensor)]
+        if len(tensors) == 1:
+            return tensors[0]
+    raise UsageError(f"The model returned {type(out).__name__}; robustkit needs a model that returns a logits "
+                     "tensor (or a tuple whose first element, or a dict whose 'logits', is one).")
 
 
 @contextlib.contextmanager
@@ -133,6 +147,10 @@ class Attack:
         """Hyper-parameters that define this attack (stored with results)."""
         return {}
 
+    def stage_names(self) -> list[str]:
+        """The stages of a cascade (AutoAttack), whose per-stage results are reported; [] for one attack."""
+        return []
+
     # -- the contract -------------------------------------------------------------------
     def is_success(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         pred = logits.argmax(1)
@@ -156,6 +174,7 @@ class Attack:
             x_adv = x.clone()
             queries = torch.zeros(len(x), dtype=torch.long, device=x.device)
             loss = None
+            stages = None
             if len(todo):
                 sub = self.perturb(forward, x[todo], y[todo], None if target is None else target[todo], generator)
                 x_adv[todo] = self.threat.clip(sub.x_adv.detach(), x[todo])
@@ -164,9 +183,11 @@ class Attack:
                 if sub.loss is not None:
                     loss = torch.full((len(x),), float("nan"), device=x.device)
                     loss[todo] = sub.loss.float()
+                if sub.stages is not None:
+                    stages = {name: done.clone().index_put_((todo,), hit) for name, hit in sub.stages.items()}
             with torch.no_grad():
                 success = self.is_success(forward(x_adv), y, target)
-        return AttackResult(x_adv=x_adv, success=success, queries=queries, loss=loss)
+        return AttackResult(x_adv=x_adv, success=success, queries=queries, loss=loss, stages=stages)
 
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v}" for k, v in self.config().items())

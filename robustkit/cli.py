@@ -108,7 +108,10 @@ class ProgressBars:
 @click.option("--download", is_flag=True, default=None, help="Let torchvision download the dataset.")
 @click.option("--split", type=click.Choice(["test", "train"]), help="[default: test]")
 @click.option("--n-examples", type=int, help="Evaluate the first N examples (default: all).")
-@click.option("--attack", help="Attack name(s), comma-separated. [default: pgd]")
+@click.option("--attack", help="Attack name(s), comma-separated; autoattack[:plus|rand|LIST], "
+              "torchattacks:CLASS, pyautoattack[:...]. [default: pgd]")
+@click.option("--backend", type=click.Choice(["native", "torchattacks", "autoattack"]),
+              help="Run the attacks with robustkit (native), torchattacks or pyautoattack. [default: native]")
 @click.option("--attack-kwargs", help="Attack options key=value,...; attack.key=value for one attack (pgd.steps=50).")
 @click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), help="[default: linf]")
 @click.option("--eps", help="Radius or radii, comma-separated, e.g. 2/255,8/255. [default: 0.1]")
@@ -141,6 +144,10 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
           --dataset npz:cifar10_test1000.npz --n-examples 200 --attack fgsm,pgd --eps 2/255,8/255
       robustkit eval --model wrn28 --checkpoint w.safetensors --dataset cifar10 --data-dir ~/data \\
           --attack pgd --attack-kwargs steps=50,restarts=2 --eps 8/255
+      robustkit eval --model resnet4b --checkpoint resnet4b.pth --dataset cifar10 --attack autoattack --eps 8/255
+      robustkit eval ... --attack autoattack:apgd-ce,square --attack-kwargs square.n_queries=1000
+      robustkit eval ... --attack autoattack --backend autoattack     # pyautoattack, to compare
+      robustkit eval ... --attack PGD --backend torchattacks --attack-kwargs steps=10,alpha=0.01
       robustkit eval --config eval.yaml
       torchrun --nproc-per-node 4 -m robustkit eval --config eval.yaml   # sharded
     """
@@ -182,6 +189,8 @@ def _print_cell(report) -> None:  # noqa: ANN001
     table.add_column("seconds", justify="right")
     for r in rows:
         table.add_row(r.attack, f"{100 * r.clean_acc:.2f}%", f"{100 * r.robust_acc:.2f}%", f"{r.seconds:.1f}")
+        for stage, acc in (r.extra or {}).get("per_stage", {}).get(r.attack, {}).items():
+            table.add_row(f"  after {stage}", "", f"{100 * acc:.2f}%", "")
     out.print(table)
     for warning in report.warnings:
         out.print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)

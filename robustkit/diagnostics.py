@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attack import Attack, attack_mode
+from .attack import Attack, attack_mode, logits_of
 from .evaluate import EvalResult
 from .threat import ThreatModel
 
@@ -27,7 +27,12 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classe
     """Model-level checks on a small batch: randomness, probabilities, gradients, classes, eps."""
     warnings = []
     with attack_mode(model), torch.no_grad():
-        first, second = model(x), model(x)
+        raw = model(x)
+        first, second = logits_of(raw), logits_of(model(x))
+    if not isinstance(raw, torch.Tensor):
+        warnings.append(f"The model returns a {type(raw).__name__}, not a tensor: robustkit attacks its "
+                        f"{'first element' if isinstance(raw, tuple | list) else 'logits entry'}; check that "
+                        "these are the logits.")
     if not torch.equal(first, second):
         warnings.append("The model is randomized (two forward passes on the same input disagree): "
                         "use an EOT attack (AutoAttack 'rand') or results are not reliable.")
@@ -39,7 +44,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classe
         warnings.append(f"The model has {first.shape[1]} outputs but the data set has {num_classes} classes.")
     with attack_mode(model):
         xg = x.clone().requires_grad_(True)
-        grad, = torch.autograd.grad(F.cross_entropy(model(xg).float(), y, reduction="sum"), xg)
+        grad, = torch.autograd.grad(F.cross_entropy(logits_of(model(xg)).float(), y, reduction="sum"), xg)
     if not torch.isfinite(grad).all():
         warnings.append("The loss gradient with respect to the input contains NaN or inf values.")
     else:
@@ -70,6 +75,20 @@ def black_box_stronger(result: EvalResult, score_based: Sequence[str], gradient_
             f"({', '.join(gradient_based)}) missed: a sign of gradient masking."]
 
 
+def square_after_gradient_stages(result: EvalResult, attack: str) -> list[str]:
+    """In a cascade, Square (score-based) should find nothing the gradient stages before it missed
+    (AutoAttack's ``check_square_sr``); if it does, the gradients are likely masked."""
+    stages = list(result.stage_accs(attack))
+    if "square" not in stages or stages.index("square") == 0:
+        return []
+    before = result.arrays[f"stage:{attack}|{stages[stages.index('square') - 1]}"]
+    count = int((result.arrays[f"stage:{attack}|square"] & ~before).sum())
+    if not count:
+        return []
+    return [f"{attack}: Square broke {count} points that the gradient-based attacks before it missed: "
+            "a sign of gradient masking; the gradient-based results alone would overestimate robustness."]
+
+
 def unbounded_and_loss_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
                               make_pgd: type[Attack]) -> list[str]:
     """An unbounded attack must reach 0% accuracy; PGD must increase the loss."""
@@ -82,8 +101,8 @@ def unbounded_and_loss_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor
                         "correctly classified; robust accuracy should reach 0 (gradient masking?).")
     pgd = make_pgd(threat, steps=10, early_stop=False)(model, x, y)
     with attack_mode(model), torch.no_grad():
-        before = F.cross_entropy(model(x).float(), y)
-        after = F.cross_entropy(model(pgd.x_adv).float(), y)
+        before = F.cross_entropy(logits_of(model(x)).float(), y)
+        after = F.cross_entropy(logits_of(model(pgd.x_adv)).float(), y)
     if not after > before:
         warnings.append(f"PGD did not increase the loss ({before:.3g} -> {after:.3g}): the gradients are not useful.")
     return warnings

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attack import Attack
+from .attack import Attack, logits_of
 from .data import Dataset
 from .errors import UsageError
 
@@ -29,7 +29,8 @@ class EvalResult:
     """Per-sample arrays of one evaluation (all of length n, in dataset order) and timings.
 
     ``arrays`` holds ``index``, ``label``, ``clean_pred``, ``final_pred``, ``final_norm`` and, per
-    attack ``a``, ``success:a`` (bool), ``queries:a`` (int, -1 unknown) and ``norm:a`` (float).
+    attack ``a``, ``success:a`` (bool), ``queries:a`` (int, -1 unknown) and ``norm:a`` (float); a
+    cascade adds ``stage:a|s`` (broken after its stage ``s``).
     """
 
     attacks: list[str]
@@ -61,6 +62,12 @@ class EvalResult:
 
     def robust_acc(self, attack: str | None = None) -> float:
         return float(self.robust(attack).mean())
+
+    def stage_accs(self, attack: str) -> dict[str, float]:
+        """A cascade's robust accuracy after each of its stages (AutoAttack's per-attack report)."""
+        prefix = f"stage:{attack}|"
+        return {key[len(prefix):]: float((self.clean_correct & ~broken).mean())
+                for key, broken in self.arrays.items() if key.startswith(prefix)}
 
 
 class BatchStore:
@@ -116,8 +123,9 @@ def check_model_fits(model: nn.Module, dataset: Dataset, device: torch.device) -
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0][:160]
         raise UsageError(f"The model cannot take {dataset.name} images of shape {shape}: {first}") from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise UsageError("The model must return a logits tensor of shape (N, classes).")
+    out = logits_of(out)
+    if out.dim() != 2:
+        raise UsageError(f"The model must return logits of shape (N, classes), got shape {tuple(out.shape)}.")
     if out.shape[1] < dataset.num_classes:
         raise UsageError(f"The model has {out.shape[1]} outputs but {dataset.name} has {dataset.num_classes} classes.")
 
@@ -134,7 +142,7 @@ def _attack_batch(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     with torch.no_grad():
-        clean_pred = model(x).argmax(1)
+        clean_pred = logits_of(model(x)).argmax(1)
     seconds["clean"] = time.perf_counter() - t0
     correct = (clean_pred == y).nonzero().flatten()
     arrays: dict[str, np.ndarray] = {
@@ -146,9 +154,12 @@ def _attack_batch(
         success = torch.zeros(len(y), dtype=torch.bool, device=x.device)
         queries = torch.full((len(y),), -1, dtype=torch.long, device=x.device)
         norms = torch.zeros(len(y), device=x.device)
+        stages = {stage: torch.zeros_like(success) for stage in attack.stage_names()}
         if len(correct):
             out = attack(model, x[correct], y[correct])
             success[correct] = out.success
+            for stage, broken in stages.items():
+                broken[correct] = out.stages[stage] if out.stages else out.success
             if out.queries is not None:
                 queries[correct] = out.queries
             norms[correct] = attack.threat.norm_of(out.x_adv - x[correct]).float()
@@ -159,9 +170,11 @@ def _attack_batch(
         arrays[f"success:{name}"] = success.cpu().numpy()
         arrays[f"queries:{name}"] = queries.cpu().numpy()
         arrays[f"norm:{name}"] = norms.cpu().numpy()
+        for stage, broken in stages.items():
+            arrays[f"stage:{name}|{stage}"] = broken.cpu().numpy()
         seconds[name] = time.perf_counter() - t0
     with torch.no_grad():
-        final_pred = model(final_adv).argmax(1) if attacks and len(correct) else clean_pred
+        final_pred = logits_of(model(final_adv)).argmax(1) if attacks and len(correct) else clean_pred
     arrays["final_pred"] = final_pred.cpu().numpy()
     threat_norm = attacks[0][1].threat.norm_of(final_adv - x) if attacks else torch.zeros(len(y))
     arrays["final_norm"] = threat_norm.float().cpu().numpy()

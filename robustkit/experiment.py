@@ -21,55 +21,21 @@ from typing import Any
 import torch
 import yaml
 
-import robustkit.attacks  # noqa: F401  (registers the attacks)
-
 from . import __version__
 from . import diagnostics as diag
 from . import distributed as dist
 from .attack import Attack
+from .attack_spec import build_attack, canonical_attack, options_for, parse_kwargs, split_attacks, with_backend
 from .data import Dataset, load_dataset
 from .errors import UsageError
 from .evaluate import BatchStore, EvalResult, ProgressFn, evaluate, merge_results, resolve_device
 from .leaderboard import Leaderboard, ResultRow, canonical_json, eps_str
 from .models import PACKAGED_WEIGHTS, file_sha256, load_model
 from .records import save_adversarial, write_records
-from .registry import ATTACKS
 from .threat import ThreatModel, parse_eps
 
 WORST_CASE = "worst-case"
 SCORE_BASED = ("square",)  # attacks that use only model outputs (for the gradient-masking check)
-
-
-def parse_kwargs(text: str | None) -> dict[str, Any]:
-    """``steps=20,pgd.loss=cw`` -> typed dict (values read as YAML scalars; ``attack.key`` targets one attack)."""
-    out: dict[str, Any] = {}
-    for part in filter(None, (text or "").split(",")):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"Cannot read attack option {part!r}; write key=value pairs separated by commas.")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value.strip())
-    return out
-
-
-def options_for(attack: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The options meant for ``attack``: plain ``key`` applies to every attack, ``attack.key`` to one."""
-    out = {}
-    for key, value in kwargs.items():
-        prefix, dot, name = key.rpartition(".")
-        if not dot:
-            out[key] = value
-        elif ATTACKS.canonical(prefix) == attack:
-            out[name] = value
-    return out
-
-
-def build_attack(name: str, threat: ThreatModel, *, seed: int = 0, **kwargs: Any) -> Attack:
-    """Instantiate a registered attack; unknown options give a one-line error."""
-    cls = ATTACKS.get(name)
-    try:
-        return cls(threat, seed=seed, **kwargs)
-    except TypeError as e:
-        raise UsageError(f"Bad options for attack {name}: {e}.") from None
 
 
 def _split(value: str | Sequence[Any] | None) -> list[Any]:
@@ -96,12 +62,13 @@ class EvalSpec:
     download: bool = False
     attack: list[str] = field(default_factory=lambda: ["pgd"])
     attack_kwargs: dict[str, Any] = field(default_factory=dict)
+    backend: str = "native"  # native, torchattacks or autoattack (pyautoattack)
     norm: str = "linf"
     eps: list[float] = field(default_factory=lambda: [0.1])
     seed: int = 0
     batch_size: int = 256
     device: str = "auto"
-    diagnose: bool | None = None  # None: on when the attacks include autoattack
+    diagnose: bool | None = None  # None: on when the attacks include an AutoAttack
     records_dir: str | None = None
     save_adv: str | None = None
     surrogate: str | None = None  # craft on this model, score on each evaluated model (transfer)
@@ -109,7 +76,7 @@ class EvalSpec:
 
     def __post_init__(self) -> None:
         self.model = _split(self.model)
-        self.attack = _split(self.attack)
+        self.attack = split_attacks(self.attack)
         self.checkpoint = [c or None for c in _split(self.checkpoint)]
         self.eps = [parse_eps(e) for e in _split(self.eps if not isinstance(self.eps, int | float) else [self.eps])]
         if not self.model:
@@ -181,7 +148,7 @@ class Grid:
             self.surrogate = load_model(spec.surrogate, spec.surrogate_checkpoint).to(self.device).eval()
 
     def attacks(self, threat: ThreatModel) -> list[tuple[str, Attack]]:
-        names = [ATTACKS.canonical(a) for a in self.spec.attack]
+        names = [canonical_attack(with_backend(a, self.spec.backend)) for a in self.spec.attack]
         attacks = [(n, build_attack(n, threat, seed=self.spec.seed, **options_for(n, self.spec.attack_kwargs)))
                    for n in names]
         if getattr(self, "surrogate", None) is None:
@@ -237,7 +204,8 @@ class Grid:
         warnings = self._diagnose(model, attacks, threat, result) if self._diagnosing() else []
         records = write_records(result, Path(spec.records_dir or self.home / "records") / run_id)
         extra = {"run_id": run_id, "records": str(records), "warnings": warnings,
-                 "wall_seconds": time.perf_counter() - t0, "per_attack": {n: result.robust_acc(n) for n, _ in attacks}}
+                 "wall_seconds": time.perf_counter() - t0, "per_attack": {n: result.robust_acc(n) for n, _ in attacks},
+                 "per_stage": {n: result.stage_accs(n) for n, a in attacks if a.stage_names()}}
         if spec.save_adv:
             extra["adversarial_examples"] = str(save_adversarial(result, Path(spec.save_adv) / f"{run_id}.safetensors"))
         rows = []
@@ -250,7 +218,9 @@ class Grid:
         return CellReport(name, threat.eps, rows, kept, result, warnings, records)
 
     def _diagnosing(self) -> bool:
-        return self.spec.diagnose if self.spec.diagnose is not None else "autoattack" in self.spec.attack
+        if self.spec.diagnose is not None:
+            return self.spec.diagnose
+        return any(canonical_attack(a).partition(":")[0] in ("autoattack", "pyautoattack") for a in self.spec.attack)
 
     def _diagnose(self, model: torch.nn.Module, attacks: list[tuple[str, Attack]], threat: ThreatModel,
                   result: EvalResult) -> list[str]:
@@ -262,6 +232,8 @@ class Grid:
         names = [n for n, _ in attacks]
         warnings += diag.black_box_stronger(result, [n for n in names if n in SCORE_BASED],
                                             [n for n in names if n not in SCORE_BASED])
+        for name, attack in attacks:
+            warnings += diag.square_after_gradient_stages(result, name) if attack.stage_names() else []
         if len(idx) and threat.norm in PGD.supported_norms:
             warnings += diag.unbounded_and_loss_checks(model, x, y, threat, PGD)
         return warnings

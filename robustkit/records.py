@@ -19,6 +19,9 @@ def records_frame(result: EvalResult) -> pd.DataFrame:
         columns[f"success_{name}"] = a[f"success:{name}"]
         columns[f"norm_{name}"] = a[f"norm:{name}"]
         columns[f"queries_{name}"] = a[f"queries:{name}"]
+    for key in a:
+        if key.startswith("stage:"):  # a cascade's stages: broken after stage s of attack a
+            columns["after_" + key[len("stage:"):]] = a[key]
     columns.update(final_pred=a["final_pred"], final_norm=a["final_norm"], robust=result.robust())
     return pd.DataFrame(columns)
 

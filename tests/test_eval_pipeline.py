@@ -168,6 +168,28 @@ class NoisyInEval(nn.Module):
         return self.net(x + 0.01 * torch.randn_like(x))
 
 
+class DropoutInEval(nn.Module):
+    """Dropout that stays on in eval mode (a randomized defense by accident)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.nn.functional.dropout(x, 0.1, training=True))
+
+
+class WithFeatures(nn.Module):
+    """Returns (logits, features), as models with auxiliary outputs do."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net(x), x.flatten(1)
+
+
 class Quantized(nn.Module):
     """Rounds its input: zero gradients everywhere (classic gradient masking)."""
 
@@ -199,11 +221,24 @@ def test_sanity_checks_are_silent_on_a_clean_model(digits_batch: tuple) -> None:
 
 
 @pytest.mark.parametrize("wrapper,fragment", [(Softmax, "like probabilities"), (NoisyInEval, "randomized"),
+                                              (DropoutInEval, "randomized"), (WithFeatures, "returns a tuple"),
                                               (Quantized, "exactly zero")])
 def test_sanity_checks_trip(digits_batch: tuple, wrapper: type, fragment: str) -> None:
     model, x, y = digits_batch
     warnings = diag.sanity_checks(wrapper(model), x, y, 10, ThreatModel("linf", 0.1), "digits")
     assert any(fragment in w for w in warnings), warnings
+
+
+def test_a_model_returning_a_tuple_is_evaluated_with_a_warning(digits_batch: tuple) -> None:
+    from robustkit.data import Dataset
+    from robustkit.evaluate import evaluate
+
+    model, x, y = digits_batch
+    data = Dataset("digits", x, y, 10)
+    attack = [("pgd", PGD(ThreatModel("linf", 0.1), steps=5))]
+    plain, wrapped = evaluate(model, data, attack), evaluate(WithFeatures(model), data, attack)
+    assert np.array_equal(plain.robust(), wrapped.robust())
+    assert diag.sanity_checks(model, x, y, 10, ThreatModel("linf", 0.1), "digits") == []
 
 
 def test_gradient_masking_checks_trip_on_a_masked_model(digits_batch: tuple) -> None:

@@ -113,6 +113,8 @@ class ProgressBars:
 @click.option("--backend", type=click.Choice(["native", "torchattacks", "autoattack"]),
               help="Run the attacks with robustkit (native), torchattacks or pyautoattack. [default: native]")
 @click.option("--attack-kwargs", help="Attack options key=value,...; attack.key=value for one attack (pgd.steps=50).")
+@click.option("--defense", help="An inference defense wrapping the model, e.g. aaa (see `robustkit list defenses`).")
+@click.option("--defense-kwargs", help="Options of the defense, key=value,...")
 @click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), help="[default: linf]")
 @click.option("--eps", help="Radius or radii, comma-separated, e.g. 2/255,8/255. [default: 0.1]")
 @click.option("--seed", type=int, help="[default: 0]")
@@ -131,7 +133,7 @@ class ProgressBars:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: bool, quiet: bool, as_json: bool,
-             attack_kwargs: str | None, **options: object) -> None:
+             attack_kwargs: str | None, defense_kwargs: str | None, **options: object) -> None:
     """Evaluate clean and robust accuracy over a grid of models × eps × attacks.
 
     Each attack writes a leaderboard row per cell (model, eps), plus a worst-case row when there
@@ -156,6 +158,8 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
     given = {k: v for k, v in options.items() if v is not None}
     if attack_kwargs is not None:
         given["attack_kwargs"] = parse_kwargs(attack_kwargs)
+    if defense_kwargs is not None:
+        given["defense_kwargs"] = parse_kwargs(defense_kwargs)
     base = dataclasses.asdict(EvalSpec.from_yaml(config)) if config else {}
     spec = EvalSpec(**{**base, **given})
     if dump_config:
@@ -181,7 +185,8 @@ def _print_cell(report) -> None:  # noqa: ANN001
     if not rows:
         return
     first = rows[0]
-    title = f"{first.model} on {first.dataset} (n={first.n_examples}), {first.norm} eps={_eps_str(first.eps)}"
+    defense = f" + {first.defense}" if first.defense else ""
+    title = f"{first.model}{defense} on {first.dataset} (n={first.n_examples}), {first.norm} eps={_eps_str(first.eps)}"
     table = Table(title=title)
     table.add_column("attack")
     table.add_column("clean acc", justify="right")

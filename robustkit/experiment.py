@@ -63,6 +63,8 @@ class EvalSpec:
     attack: list[str] = field(default_factory=lambda: ["pgd"])
     attack_kwargs: dict[str, Any] = field(default_factory=dict)
     backend: str = "native"  # native, torchattacks or autoattack (pyautoattack)
+    defense: str | None = None  # an inference defense wrapping every model (e.g. aaa)
+    defense_kwargs: dict[str, Any] = field(default_factory=dict)
     norm: str = "linf"
     eps: list[float] = field(default_factory=lambda: [0.1])
     seed: int = 0
@@ -140,6 +142,7 @@ class Grid:
         self.threats = [ThreatModel(spec.norm, e) for e in spec.eps]
         for threat in self.threats:  # validate every attack and option before any work
             self.attacks(threat)
+        self.defense = defense_label(spec.defense, spec.defense_kwargs)
         self.dataset: Dataset = load_dataset(spec.dataset, data_dir=spec.data_dir, split=spec.split,
                                              n_examples=spec.n_examples, download=spec.download)
         self.device = resolve_device(dist.local_device(spec.device))
@@ -168,7 +171,8 @@ class Grid:
             cells.append((WORST_CASE, config, result.robust_acc() if result else nan,
                           sum(result.seconds.values()) if result else 0.0))
         return [ResultRow(
-            model=model, checkpoint_sha256=sha, dataset=self.dataset.name, n_examples=len(self.dataset),
+            model=model, checkpoint_sha256=sha, defense=self.defense, dataset=self.dataset.name,
+            n_examples=len(self.dataset),
             norm=threat.norm, eps=threat.eps, attack=name, attack_config=config, seed=self.spec.seed,
             clean_acc=result.clean_acc if result else nan, robust_acc=robust, seconds=seconds,
             robustkit_version=__version__, torch_version=torch.__version__,
@@ -185,8 +189,9 @@ class Grid:
         existing = [self.board.get(r) for r in planned if self.board.exists(r)]
         if len(existing) == len(planned) and not self.overwrite:
             return CellReport(name, threat.eps, [], existing)
-        model = _load(name, checkpoint, spec)
-        key = canonical_json({"model": name, "sha": sha, "normalize": spec.normalize, "data": self.dataset.name,
+        model = wrap_defense(_load(name, checkpoint, spec), spec.defense, spec.defense_kwargs)
+        key = canonical_json({"model": name, "sha": sha, "defense": self.defense, "normalize": spec.normalize,
+                              "data": self.dataset.name,
                               "split": spec.split, "n": len(self.dataset), "norm": threat.norm,
                               "eps": eps_str(threat.eps), "attacks": {n: a.config() for n, a in attacks},
                               "seed": spec.seed, "batch": spec.batch_size})
@@ -269,6 +274,42 @@ def _load(name: str, checkpoint: str | None, spec: EvalSpec) -> torch.nn.Module:
     if side is not None and spec.normalize == "default" and sidecar_model_name(side) == name:
         return load_trained_model(checkpoint)
     return load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256)
+
+
+def defense_label(name: str | None, kwargs: dict[str, Any]) -> str:
+    """The leaderboard's defense field: the canonical name, plus its options when any are set.
+    Only ``inference`` defenses (model wrappers) apply at evaluation time."""
+    if not name:
+        if kwargs:
+            raise UsageError("--defense-kwargs was given without --defense.")
+        return ""
+    import robustkit.defenses  # noqa: F401  (registers the defenses)
+
+    from .registry import DEFENSES
+
+    key = DEFENSES.canonical(name)
+    kind = getattr(DEFENSES.get(key), "kind", None)
+    if kind != "inference":
+        inference = [n for n, d in DEFENSES.items() if getattr(d, "kind", None) == "inference"]
+        raise UsageError(f"{key!r} is a {kind} defense; robustkit eval applies inference defenses "
+                         f"({', '.join(inference)}); train with `robustkit train {key}` instead."
+                         if kind == "training" else
+                         f"{key!r} is a {kind} defense; robustkit eval applies inference defenses "
+                         f"({', '.join(inference)}).")
+    return key + (canonical_json(kwargs) if kwargs else "")
+
+
+def wrap_defense(model: torch.nn.Module, name: str | None, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """``model`` behind the inference defense ``name`` (unchanged without one)."""
+    if not name:
+        return model
+    from .registry import DEFENSES
+
+    cls = DEFENSES.get(name)
+    try:
+        return cls(model, **kwargs).eval()
+    except TypeError as e:
+        raise UsageError(f"Bad options for defense {name}: {e}.") from None
 
 
 def _checkpoint_sha(model: str, checkpoint: str | None) -> str:

@@ -197,11 +197,10 @@ class TrainConfig:
         if self.eval_attacks:
             if self.out is None:
                 raise UsageError("--eval evaluates the saved checkpoint; give --out as well.")
-            import robustkit.attacks  # noqa: F401  (registers the attacks)
-            from robustkit.registry import ATTACKS
+            from robustkit.attack_spec import canonical_attack
 
             for name in self.eval_attacks:
-                ATTACKS.canonical(name)  # unknown attacks fail before training, not after
+                canonical_attack(name)  # unknown attacks fail before training, not after
         if not 0 < self.co_ratio < 1 or not 0 <= self.co_gap <= 1 or not 0 <= self.co_min_best <= 1:
             raise UsageError("co_ratio must be in (0, 1) and co_gap, co_min_best in [0, 1].")
 

@@ -115,7 +115,9 @@ def train_cmd(ctx: click.Context, method: str | None, tricks: tuple[str, ...], e
     if tricks:
         values["tricks"] = list(tricks)
     if eval_attacks:
-        values["eval_attacks"] = [a.strip() for item in eval_attacks for a in item.split(",") if a.strip()]
+        from .attack_spec import split_attacks
+
+        values["eval_attacks"] = [a for item in eval_attacks for a in split_attacks(item)]
     if "attack_step_size" in values and isinstance(values["attack_step_size"], str):
         from .threat import parse_eps
 

@@ -300,3 +300,12 @@ def test_surrogate_transfer_cell(capsys: pytest.CaptureFixture, tmp_path: Path) 
     code, out, err = cli(capsys, "eval", *common)
     (white,) = json.loads(out)
     assert white["robust_acc"] <= transfer["robust_acc"] < transfer["clean_acc"]
+
+
+@pytest.mark.parametrize("args,fragment", [(["--defense", "pgd-at"], "'pgd-at' is a training defense"),
+                                           (["--defense", "nope"], "Unknown defense 'nope'"),
+                                           (["--defense-kwargs", "tau=1"], "without --defense")])
+def test_eval_refuses_defenses_it_cannot_apply(capsys: pytest.CaptureFixture, tmp_path: Path, args: list[str],
+                                               fragment: str) -> None:
+    code, _, err = cli(capsys, "eval", "--db", str(tmp_path / "lb.db"), "--quiet", *args)
+    assert code == 2 and fragment in err.replace("\n", " ")

@@ -1,6 +1,7 @@
 """AutoAttack standard: robustkit's native cascade against pyautoattack on the same model and images.
 
     python benchmarks/autoattack.py [--n 100] [--model resnet4b] [--device cpu|cuda] [--autocast bf16]
+                                    [--channels-last]
 
 Both run the standard version (APGD-CE, APGD-T, FAB-T, Square-5000) at Linf 8/255 with seed 0 on
 the first n CIFAR-10 test images of ../shared/data. Prints a Markdown table: robust accuracy after
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=8 / 255)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autocast", choices=["bf16", "fp16"], help="robustkit only (an option, off by default)")
+    parser.add_argument("--channels-last", action="store_true", help="robustkit only (an option, off by default)")
     parser.add_argument("--square-queries", type=int, default=1000, help="for the queries/second comparison")
     args = parser.parse_args()
     from pyautoattack import AutoAttack as PyAA
@@ -43,7 +45,7 @@ def main() -> None:
         with torch.no_grad():
             return net(adv).argmax(1) == y
 
-    ours = AutoAttack(threat, seed=0, autocast=args.autocast)
+    ours = AutoAttack(threat, seed=0, autocast=args.autocast, channels_last=args.channels_last)
     t_rk, res = timed(lambda: ours(net, x, y))
     peer = PyAA(net, norm="Linf", eps=args.eps, version="standard", seed=0, device=dev)
     peer.verbose = False
@@ -61,7 +63,7 @@ def main() -> None:
     t_psq, _ = timed(lambda: peer_sq.perturb(xs, ys))
     q_rk = float(sq_res.queries.sum())
     print(f"Machine: {machine()}; model {args.model}, first {args.n} CIFAR-10 test images, Linf {args.eps:.4g}, "
-          f"autocast {args.autocast or 'off'}\n")
+          f"autocast {args.autocast or 'off'}, channels_last {args.channels_last}\n")
     print("| implementation | robust acc | seconds | stages |")
     print("|---|---|---|---|")
     print(f"| robustkit autoattack | {100 * float(rob_rk.float().mean()):.2f}% | {t_rk:.1f} | {stages} |")

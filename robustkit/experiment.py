@@ -31,6 +31,7 @@ from .errors import UsageError
 from .evaluate import BatchStore, EvalResult, ProgressFn, evaluate, merge_results, resolve_device
 from .leaderboard import Leaderboard, ResultRow, canonical_json, eps_str
 from .models import PACKAGED_WEIGHTS, file_sha256, load_model
+from .models.checkpoint import check_sha256
 from .records import save_adversarial, write_records
 from .threat import ThreatModel, parse_eps
 
@@ -272,6 +273,8 @@ def _load(name: str, checkpoint: str | None, spec: EvalSpec) -> torch.nn.Module:
 
     side = read_sidecar(checkpoint) if checkpoint else None
     if side is not None and spec.normalize == "default" and sidecar_model_name(side) == name:
+        if spec.sha256:
+            check_sha256(Path(checkpoint), spec.sha256)
         return load_trained_model(checkpoint)
     return load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256)
 

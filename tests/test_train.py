@@ -414,14 +414,19 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture, tmp_path: Path, 
 def test_cli_trains_evaluates_and_refuses_to_overwrite(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     out, db = tmp_path / "run", tmp_path / "board.db"
     code, stdout, err = run_cli(capsys, "train", "fgsm-rs", "--n-examples", "128", "--epochs", "1", "--batch-size",
-                                "64", "--val-size", "32", "--out", str(out), "--eval", "fgsm", "--eval-n-examples",
-                                "50", "--db", str(db), "--device", "cpu", "--quiet")
+                                "64", "--val-size", "32", "--out", str(out), "--eval", "fgsm",
+                                "--eval", "autoattack:apgd-ce", "--eval-n-examples", "50", "--db", str(db),
+                                "--device", "cpu", "--quiet")
     assert code == 0, err
     assert "PGD-10" in stdout and "--eval" in stdout and (out / "model.safetensors").is_file()
     from robustkit.leaderboard import Leaderboard
 
     frame = Leaderboard(db).frame()
-    assert len(frame) == 1 and frame.iloc[0]["attack"] == "fgsm" and frame.iloc[0]["n_examples"] == 50
+    assert sorted(frame["attack"]) == ["autoattack:apgd-ce", "fgsm", "worst-case"]
+    assert set(frame["n_examples"]) == {50}
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(out / "model.safetensors"), "--sha256", "0" * 64,
+                           "--db", str(db), "--quiet")
+    assert code == 1 and "expected 0000" in err
     code, _, err = run_cli(capsys, "train", "fgsm-rs", "--out", str(out), "--n-examples", "128")
     assert code == 2 and "--resume" in " ".join(err.split())
 

@@ -44,7 +44,8 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def _check_sha256(path: Path, expected: str) -> None:
+def check_sha256(path: Path, expected: str) -> None:
+    """Raise CheckpointError unless the file's sha256 starts with ``expected`` (>= 8 hex digits)."""
     want = expected.strip().lower()
     if len(want) < 8 or any(c not in string.hexdigits for c in want):
         raise UsageError(
@@ -154,7 +155,7 @@ def load_state_dict(path: str | os.PathLike[str], sha256: str | None = None) -> 
     if not p.is_file():
         raise CheckpointError(f"Checkpoint file not found: {p}.")
     if sha256 is not None:
-        _check_sha256(p, sha256)
+        check_sha256(p, sha256)
     obj = _safetensors_load(p) if p.suffix.lower() == ".safetensors" else _torch_load(p)
     return unwrap_state_dict(obj, source=f"Checkpoint {p}")
 

@@ -1,6 +1,6 @@
 """Defenses, registered in ``robustkit.registry.DEFENSES`` with a ``kind`` (installed as
 ``robustkit.defenses``): ``training`` strategies for ``robustkit.train`` and ``architecture``
-transforms (the FGSM-AT tricks that change the model)."""
+transforms (the FGSM-AT tricks that change the model, AdvProp's dual BatchNorm)."""
 
 from .adversarial_training import (
     FGSMAT,
@@ -14,9 +14,21 @@ from .adversarial_training import (
     build_strategy,
     training_methods,
 )
+from .advprop import AdvProp, DualBatchNorm, DualBN, FastAdvProp, auxiliary_bn, plain_state_dict
+from .dat import DAT, DATFGSM, UNLABELED
 from .fgsm_tricks import TRICKS, LargeStride, MaskInit, SmoothActivation, TrickOptions, pixel_mask
+from .one_pixel_shortcut import OnePixelShortcut, OPSPattern
 
 __all__ = [
+    "AdvProp",
+    "DualBN",
+    "DualBatchNorm",
+    "FastAdvProp",
+    "auxiliary_bn",
+    "plain_state_dict",
+    "DAT",
+    "DATFGSM",
+    "UNLABELED",
     "FGSMAT",
     "FGSMRS",
     "MART",
@@ -25,6 +37,8 @@ __all__ = [
     "TRICKS",
     "LargeStride",
     "MaskInit",
+    "OPSPattern",
+    "OnePixelShortcut",
     "SmoothActivation",
     "Standard",
     "StepOutput",

@@ -201,3 +201,23 @@ def test_standard_matches_pyautoattack_on_model_test() -> None:
     ours, theirs, agreement = _compare_with_pyautoattack(model, x, y)
     print(f"model_test.pt, 200 images: robustkit {ours:.4f}, pyautoattack {theirs:.4f}, agreement {agreement:.4f}")
     assert abs(ours - theirs) <= 0.005 and agreement >= 0.99
+
+
+def test_eot_averages_gradients_over_a_randomized_model(digits: tuple) -> None:
+    model, x, y = digits
+    threat = ThreatModel("linf", 0.15)
+    plain = build_attack("apgd-ce", threat, steps=10)(model, x, y)
+    eot = build_attack("apgd-ce", threat, steps=10, eot_iter=4)(model, x, y)
+    assert torch.equal(plain.success, eot.success)  # a deterministic model: the same gradient 4 times
+
+    class Noisy(nn.Module):
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return model(z + 0.05 * torch.randn_like(z))
+
+    calls = []
+    noisy = Noisy()
+    noisy.register_forward_hook(lambda *_: calls.append(1))
+    build_attack("apgd-ce", threat, steps=3, eot_iter=5)(noisy, x[:8], y[:8])
+    assert len(calls) >= 3 * 5  # every step averages 5 forward/backward passes
+    with pytest.raises(UsageError, match="eot_iter"):
+        build_attack("apgd-ce", threat, eot_iter=0)

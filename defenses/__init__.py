@@ -1,6 +1,7 @@
 """Defenses, registered in ``robustkit.registry.DEFENSES`` with a ``kind`` (installed as
-``robustkit.defenses``): ``training`` strategies for ``robustkit.train`` and ``architecture``
-transforms (the FGSM-AT tricks that change the model, AdvProp's dual BatchNorm)."""
+``robustkit.defenses``): ``training`` strategies for ``robustkit.train``, ``architecture``
+transforms (the FGSM-AT tricks that change the model, AdvProp's dual BatchNorm), ``inference``
+model wrappers (AAA) and ``data`` transforms (One-Pixel Shortcut, ``robustkit poison``)."""
 
 from .adversarial_training import (
     FGSMAT,
@@ -15,7 +16,6 @@ from .adversarial_training import (
     training_methods,
 )
 from .advprop import AdvProp, DualBatchNorm, DualBN, FastAdvProp, auxiliary_bn, plain_state_dict
-from .dat import DAT, DATFGSM, UNLABELED
 from .fgsm_tricks import TRICKS, LargeStride, MaskInit, SmoothActivation, TrickOptions, pixel_mask
 from .one_pixel_shortcut import OnePixelShortcut, OPSPattern
 
@@ -26,9 +26,6 @@ __all__ = [
     "FastAdvProp",
     "auxiliary_bn",
     "plain_state_dict",
-    "DAT",
-    "DATFGSM",
-    "UNLABELED",
     "FGSMAT",
     "FGSMRS",
     "MART",

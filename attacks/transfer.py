@@ -86,6 +86,56 @@ def smoothing_kernel(name: str = "gaussian", size: int = 15, nsig: float = 3.0) 
     return (k2 / k2.sum()).float()
 
 
+def diversify(x: torch.Tensor, generator: torch.Generator, *, prob: float,
+              resize_rate: float = 0.9) -> tuple[torch.Tensor, bool]:
+    """Input diversity (DI, Xie et al. 2019): resize to a random side in [H·rate, H) (rate < 1) or
+    [H, H·rate) (rate > 1), pad with zeros at a random offset to ``max(H, int(H·rate))``; applied
+    with probability ``prob``. One draw per call for the whole batch; the four random numbers are
+    drawn in torchattacks' order whether or not the transform is applied. Returns the (maybe)
+    transformed batch and whether it was transformed. Shared by the transfer attacks and by
+    visual-prompt training (:mod:`robustkit.prompt_training`)."""
+    side = x.shape[-1]
+    low, high = sorted((int(side * resize_rate), side))
+    if low < 1 or high <= low:
+        raise UsageError(f"Input diversity needs images larger than {side} pixels at "
+                         f"resize_rate {resize_rate}: the resize range [{low}, {high}) "
+                         f"is empty.")
+
+    def draw(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi, (1,), generator=generator, device=generator.device,
+                                 dtype=torch.int32))
+
+    rnd = draw(low, high)
+    rem = high - rnd
+    top = draw(0, rem)
+    left = draw(0, rem)
+    u = torch.rand(1, generator=generator, device=generator.device)
+    apply = bool(u < prob)
+    if not apply:
+        return x, False
+    rows, out_rows = rnd, high
+    if x.shape[-2] != side:  # not square: scale the height alike (torchattacks assumes H == W)
+        rows = max(1, round(x.shape[-2] * rnd / side))
+        out_rows = max(rows, x.shape[-2], int(x.shape[-2] * resize_rate))
+        top = min(top, out_rows - rows)
+    resized = F.interpolate(x, size=[rows, rnd], mode="bilinear", align_corners=False)
+    return F.pad(resized, [left, rem - left, top, out_rows - rows - top], value=0.0), True
+
+
+def normalize_gradient(grad: torch.Tensor, *, kind: str = "mean-abs", per_sample: bool = True) -> torch.Tensor:
+    """``grad`` divided by its size: ``mean-abs`` (the mean absolute value, MI-FGSM's per-sample L1
+    normalization) or ``l2`` (the Euclidean norm, EVP's normalization of the prompt's update);
+    per sample (every dimension but the first) or over the whole tensor. A zero gradient stays zero."""
+    dims = tuple(range(1, grad.dim())) if per_sample else tuple(range(grad.dim()))
+    if kind == "mean-abs":
+        scale = grad.abs().mean(dim=dims, keepdim=True)
+    elif kind == "l2":
+        scale = grad.square().sum(dim=dims, keepdim=True).sqrt()
+    else:
+        raise UsageError(f"Unknown gradient normalization {kind!r}; accepted: mean-abs, l2.")
+    return grad / torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 class TransferFGSM(PGD):
     """Iterative FGSM with switches for momentum (MI), input diversity (DI), translation
     invariance (TI) and gradient normalization; Linf only.
@@ -153,36 +203,8 @@ class TransferFGSM(PGD):
 
     # -- the pieces ----------------------------------------------------------------------
     def diversify(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, bool]:
-        """DI: resize to a random side in [H·rate, H) (rate < 1) or [H, H·rate) (rate > 1), pad
-        with zeros at a random offset to ``max(H, int(H·rate))``; applied with probability
-        ``diversity_prob``. One draw per call for the whole batch; the four random numbers are
-        drawn in torchattacks' order whether or not the transform is applied."""
-        side = x.shape[-1]
-        low, high = sorted((int(side * self.resize_rate), side))
-        if low < 1 or high <= low:
-            raise UsageError(f"Input diversity needs images larger than {side} pixels at "
-                             f"resize_rate {self.resize_rate}: the resize range [{low}, {high}) "
-                             f"is empty.")
-
-        def draw(lo: int, hi: int) -> int:
-            return int(torch.randint(lo, hi, (1,), generator=generator, device=generator.device,
-                                     dtype=torch.int32))
-
-        rnd = draw(low, high)
-        rem = high - rnd
-        top = draw(0, rem)
-        left = draw(0, rem)
-        u = torch.rand(1, generator=generator, device=generator.device)
-        apply = bool(u < self.diversity_prob)
-        if not apply:
-            return x, False
-        rows, out_rows = rnd, high
-        if x.shape[-2] != side:  # not square: scale the height alike (torchattacks assumes H == W)
-            rows = max(1, round(x.shape[-2] * rnd / side))
-            out_rows = max(rows, x.shape[-2], int(x.shape[-2] * self.resize_rate))
-            top = min(top, out_rows - rows)
-        resized = F.interpolate(x, size=[rows, rnd], mode="bilinear", align_corners=False)
-        return F.pad(resized, [left, rem - left, top, out_rows - rows - top], value=0.0), True
+        """DI with this attack's ``diversity_prob`` and ``resize_rate``; see :func:`diversify`."""
+        return diversify(x, generator, prob=self.diversity_prob, resize_rate=self.resize_rate)
 
     def smooth(self, grad: torch.Tensor) -> torch.Tensor:
         """TI: convolve each channel of the gradient with the kernel (zero 'same' padding)."""
@@ -208,8 +230,7 @@ class TransferFGSM(PGD):
         if self._kernel is not None:
             grad = self.smooth(grad)
         if self.grad_norm:
-            scale = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True)
-            grad = grad / torch.where(scale > 0, scale, torch.ones_like(scale))
+            grad = normalize_gradient(grad)
         return logits.detach(), grad
 
     def direction(self, grad: torch.Tensor, state: dict[str, torch.Tensor],

@@ -3,6 +3,7 @@
 transforms (the FGSM-AT tricks that change the model, AdvProp's dual BatchNorm), ``inference``
 model wrappers (AAA) and ``data`` transforms (One-Pixel Shortcut, ``robustkit poison``)."""
 
+from .aaa import AAA, expected_calibration_error
 from .adversarial_training import (
     FGSMAT,
     FGSMRS,
@@ -16,16 +17,22 @@ from .adversarial_training import (
     training_methods,
 )
 from .advprop import AdvProp, DualBatchNorm, DualBN, FastAdvProp, auxiliary_bn, plain_state_dict
+from .dat import DAT, DATFGSM, UNLABELED
 from .fgsm_tricks import TRICKS, LargeStride, MaskInit, SmoothActivation, TrickOptions, pixel_mask
 from .one_pixel_shortcut import OnePixelShortcut, OPSPattern
 
 __all__ = [
+    "AAA",
+    "expected_calibration_error",
     "AdvProp",
     "DualBN",
     "DualBatchNorm",
     "FastAdvProp",
     "auxiliary_bn",
     "plain_state_dict",
+    "DAT",
+    "DATFGSM",
+    "UNLABELED",
     "FGSMAT",
     "FGSMRS",
     "MART",

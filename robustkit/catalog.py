@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+from .errors import UsageError
 from .registry import ATTACKS, DATASETS, DEFENSES, MODELS, Registry
 
 
@@ -12,8 +13,19 @@ def _first_line(obj: object) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
 
-def catalog(what: str) -> list[tuple[str, list[str], str]]:
-    """(name, aliases, description) for each entry of the registry ``what``."""
+def catalog(
+    what: str, *, source: str = "robustkit", dataset: str | None = None, threat_model: str | None = None
+) -> list[tuple[str, list[str], str]]:
+    """(name, aliases, description) for each entry of the registry ``what``; with
+    ``source="robustbench"``, RobustBench's model zoo (optionally one dataset / threat model)."""
+    if source == "robustbench":
+        if what != "models":
+            raise UsageError(f"--source robustbench lists models, not {what}.")
+        from .models.robustbench import zoo_catalog
+
+        return zoo_catalog(dataset, threat_model)
+    if dataset or threat_model:
+        raise UsageError("--dataset and --threat-model select RobustBench's zoo; add --source robustbench.")
     import robustkit.attacks  # noqa: F401  (registers attacks)
     import robustkit.data  # noqa: F401
     import robustkit.defenses  # noqa: F401
@@ -24,6 +36,8 @@ def catalog(what: str) -> list[tuple[str, list[str], str]]:
     if what == "models":
         rows.append(("timm:NAME", [], "any timm model (pip install timm)"))
         rows.append(("torchvision:NAME", [], "any torchvision classification model"))
+        rows.append(("robustbench:NAME", [], "a RobustBench model-zoo entry (pip install 'robustkit[robustbench]'; "
+                                             "robustkit list models --source robustbench)"))
     if what == "datasets":
         rows.append(("npz:PATH", [], "arrays x (uint8 NHWC or float NCHW in [0, 1]) and y (int)"))
     return rows

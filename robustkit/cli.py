@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -18,6 +19,9 @@ from rich.text import Text
 from . import __version__
 from .errors import UserError
 from .threat import parse_eps
+
+if TYPE_CHECKING:
+    from .leaderboard import ResultRow
 
 out = Console()
 err = Console(stderr=True)
@@ -49,20 +53,42 @@ def cli() -> None:
 
 @cli.command("list")
 @click.argument("what", type=click.Choice(["models", "attacks", "defenses", "datasets"]))
-def list_cmd(what: str) -> None:
-    """List registered names (with aliases).
+@click.option("--source", type=click.Choice(["robustkit", "robustbench"]), default="robustkit", show_default=True,
+              help="robustbench: the names of RobustBench's model zoo (needs robustkit[robustbench]).")
+@click.option("--dataset", help="With --source robustbench: cifar10, cifar100 or imagenet (default: all).")
+@click.option("--threat-model", help="With --source robustbench: Linf, L2, corruptions, ... (default: all).")
+def list_cmd(what: str, source: str, dataset: str | None, threat_model: str | None) -> None:
+    """List registered names (with aliases), or RobustBench's model zoo.
 
     \b
-    Example:
+    Examples:
       robustkit list models
+      robustkit list models --source robustbench --dataset cifar10 --threat-model Linf
     """
     from .catalog import catalog
 
+    rows = catalog(what, source=source, dataset=dataset, threat_model=threat_model)
+    if source == "robustbench":  # names never cut: they are what --model robustbench:NAME takes
+        from .models.robustbench import parse_ref
+
+        refs = [parse_ref(name) for name, _, _ in rows]
+        split = not (dataset and threat_model)  # else both are in the title
+        where = "" if split else f" {refs[0].dataset} {refs[0].threat_model}" if refs else f" {dataset} {threat_model}"
+        usage = "robustbench:DATASET/THREAT_MODEL/NAME" if split else "robustbench:NAME"
+        table = Table(title=f"RobustBench{where} model zoo ({len(rows)} models, --model {usage})")
+        for col in ("dataset", "threat", "name") if split else ("name",):
+            table.add_column(col, no_wrap=True)
+        table.add_column("architecture", overflow="fold")
+        for ref, (_, _, description) in zip(refs, rows, strict=True):
+            cells = (ref.dataset, ref.threat_model, ref.name) if split else (ref.name,)
+            table.add_row(*cells, Text(description))
+        out.print(table)
+        return
     table = Table(title=what, show_lines=False)
     for col in ("name", "aliases", "description"):
         table.add_column(col)
-    for name, aliases, description in catalog(what):
-        table.add_row(name, ", ".join(aliases), description)
+    for name, aliases, description in rows:
+        table.add_row(Text(name), Text(", ".join(aliases)), Text(description))
     out.print(table)
 
 
@@ -98,14 +124,19 @@ class ProgressBars:
 
 
 @cli.command("eval")
-@click.option("--model", help="Model name(s), comma-separated: registered names, timm:NAME, torchvision:NAME. "
-              "[default: digits-cnn]")
+@click.option("--model", help="Model name(s), comma-separated: registered names, timm:NAME, torchvision:NAME, "
+              "robustbench:NAME. [default: digits-cnn]")
 @click.option("--checkpoint", help="Checkpoint file(s), one per model: .safetensors, or .pt/.pth (weights_only).")
 @click.option("--sha256", help="Expected sha256 of the checkpoint file.")
 @click.option("--normalize", help="default (the model's), cifar10, imagenet, none, or m1,m2,m3:s1,s2,s3.")
+@click.option("--threat-model", help="RobustBench threat model of robustbench: models (Linf, L2, corruptions); "
+              "sets the default --norm and --eps. [default: Linf]")
+@click.option("--model-dir", type=click.Path(file_okay=False),
+              help="RobustBench's weights folder: <model-dir>/<dataset>/<threat-model>/<name>.pt. [default: ./models]")
 @click.option("--dataset", help="Registered name or npz:PATH. [default: digits]")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with the torchvision dataset files.")
-@click.option("--download", is_flag=True, default=None, help="Let torchvision download the dataset.")
+@click.option("--download", is_flag=True, default=None,
+              help="Let torchvision download the dataset and RobustBench the weights of robustbench: models.")
 @click.option("--split", type=click.Choice(["test", "train"]), help="[default: test]")
 @click.option("--n-examples", type=int, help="Evaluate the first N examples (default: all).")
 @click.option("--attack", help="Attack name(s), comma-separated; autoattack[:plus|rand|LIST], "
@@ -115,8 +146,9 @@ class ProgressBars:
 @click.option("--attack-kwargs", help="Attack options key=value,...; attack.key=value for one attack (pgd.steps=50).")
 @click.option("--defense", help="An inference defense wrapping the model, e.g. aaa (see `robustkit list defenses`).")
 @click.option("--defense-kwargs", help="Options of the defense, key=value,...")
-@click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), help="[default: linf]")
-@click.option("--eps", help="Radius or radii, comma-separated, e.g. 2/255,8/255. [default: 0.1]")
+@click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), help="[default: linf; l2 for --threat-model L2]")
+@click.option("--eps", help="Radius or radii, comma-separated, e.g. 2/255,8/255. [default: 0.1; RobustBench's "
+              "for robustbench: models, e.g. 8/255 on cifar10 Linf]")
 @click.option("--seed", type=int, help="[default: 0]")
 @click.option("--batch-size", type=int, help="[default: 256]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]")
@@ -126,6 +158,8 @@ class ProgressBars:
 @click.option("--save-adv", type=click.Path(file_okay=False), help="Store adversarial examples here (safetensors).")
 @click.option("--surrogate", help="Craft the attacks on this model and score them on --model (transfer).")
 @click.option("--surrogate-checkpoint", help="Checkpoint of the surrogate model.")
+@click.option("--prompt", help="A visual prompt from `robustkit train prompt` (.safetensors) around the "
+              "model; without --model, the backbone it was trained on.")
 @click.option("--config", type=click.Path(dir_okay=False, exists=True), help="Read the evaluation from a YAML file.")
 @click.option("--dump-config", is_flag=True, help="Print the YAML config of this command line and exit.")
 @click.option("--db", type=click.Path(dir_okay=False), help="Leaderboard file (default ~/.robustkit/leaderboard.db).")
@@ -147,6 +181,8 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
       robustkit eval --model wrn28 --checkpoint w.safetensors --dataset cifar10 --data-dir ~/data \\
           --attack pgd --attack-kwargs steps=50,restarts=2 --eps 8/255
       robustkit eval --model resnet4b --checkpoint resnet4b.pth --dataset cifar10 --attack autoattack --eps 8/255
+      robustkit eval --model robustbench:Carmon2019Unlabeled --dataset cifar10 --threat-model Linf \\
+          --model-dir ~/models --attack autoattack                  # RobustBench's zoo, weights and eps
       robustkit eval ... --attack autoattack:apgd-ce,square --attack-kwargs square.n_queries=1000
       robustkit eval ... --attack autoattack --backend autoattack     # pyautoattack, to compare
       robustkit eval ... --attack PGD --backend torchattacks --attack-kwargs steps=10,alpha=0.01
@@ -259,26 +295,37 @@ def poison_cmd(method: str, dataset: str, data_dir: str | None, download: bool, 
 
 @cli.command("leaderboard")
 @click.option(
-    "--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "csv", "md", "json", "html"])
+    "--format", "fmt", default="table", show_default=True,
+    type=click.Choice(["table", "csv", "md", "json", "html", "robustbench"]),
+    help="robustbench: one RobustBench model-info JSON per model, into the folder --output.",
 )
-@click.option("--output", type=click.Path(dir_okay=False), help="Write to this file instead of stdout.")
+@click.option("--output", type=click.Path(), help="Write to this file (a folder for robustbench) instead of stdout.")
+@click.option("--compare", "compare_with", type=click.Path(),
+              help="Show robustkit's numbers beside those of RobustBench model-info JSON (a file or a folder).")
 @click.option("--dataset", help="Only rows of this dataset.")
 @click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), help="Only rows of this norm.")
 @click.option("--model", help="Only rows of this model.")
 @click.option("--db", type=click.Path(dir_okay=False), help="Leaderboard file (default ~/.robustkit/leaderboard.db).")
 def leaderboard_cmd(
-    fmt: str, output: str | None, dataset: str | None, norm: str | None, model: str | None, db: str | None
+    fmt: str, output: str | None, compare_with: str | None, dataset: str | None, norm: str | None,
+    model: str | None, db: str | None
 ) -> None:
-    """Show or export the leaderboard.
+    """Show or export the leaderboard, or compare it with RobustBench's numbers.
 
     \b
     Examples:
       robustkit leaderboard
       robustkit leaderboard --format csv --output results.csv --dataset cifar10
       robustkit leaderboard --format md --norm linf
+      robustkit leaderboard --format robustbench --output model_info
+      robustkit leaderboard --compare robustbench/model_info/cifar10/Linf
     """
     from .leaderboard import Leaderboard, export
 
+    if fmt == "robustbench" or compare_with is not None:
+        _robustbench_leaderboard(Leaderboard(db).rows(dataset=dataset, norm=norm, model=model), fmt, output,
+                                 compare_with)
+        return
     frame = Leaderboard(db).frame(dataset=dataset, norm=norm, model=model)
     if fmt == "table" and output is None:
         cols = ["model", "dataset", "norm", "eps_str", "attack", "clean_acc", "robust_acc", "n_examples"]
@@ -299,6 +346,50 @@ def leaderboard_cmd(
         click.echo(text)
     else:
         err.print(Text(f"Wrote {len(frame)} rows to {output}."))
+
+
+def _robustbench_leaderboard(rows: list[ResultRow], fmt: str, output: str | None, compare_with: str | None) -> None:
+    """``--format robustbench`` (model-info files) and ``--compare`` (a table of differences)."""
+    from . import robustbench_format as rbf
+    from .errors import UsageError
+    from .leaderboard import export
+
+    if compare_with is None:
+        if output is None:
+            raise UsageError("--format robustbench writes one JSON file per model into a folder; give --output DIR.")
+        written, skipped = rbf.export_model_info(rows, output)
+        for name in skipped:
+            err.print(Text(f"skipped {name}: RobustBench has no leaderboard for it.", style="yellow"), soft_wrap=True)
+        err.print(Text(f"Wrote {len(written)} RobustBench model-info file(s) to {output}:"))
+        for path in written:
+            click.echo(path)
+        return
+    if fmt == "robustbench":
+        raise UsageError("--compare shows a table; use --format table, csv, md, json or html with it.")
+    frame, missing = rbf.compare(rows, compare_with)
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        err.print(Text(f"{len(missing)} model(s) in {compare_with} have no robustkit result: {shown}",
+                       style="yellow"), soft_wrap=True)
+    if fmt != "table" or output is not None:
+        text = export(frame, fmt, output)
+        if output is None:
+            click.echo(text, nl=False)
+        else:
+            err.print(Text(f"Wrote {len(frame)} rows to {output}."))
+        return
+    table = Table(title="robustkit vs RobustBench model info (accuracy in %)",
+                  caption="diff = robustkit - file; attacks and file paths: --format csv")
+    heads = {"model": "model", "eps": "eps", "clean_acc": "clean", "clean_acc_file": "file", "clean_diff": "diff",
+             "robust_acc": "robust", "robust_acc_file": "file", "robust_diff": "diff", "n_examples": "n"}
+    longest = max([len(str(m)) for m in frame["model"]] + [5])
+    for column, head in heads.items():
+        table.add_column(head, justify="left" if column == "model" else "right", no_wrap=True,
+                         min_width=longest if column == "model" else None)
+    for _, r in frame.iterrows():
+        table.add_row(*(f"{r[c]:+.2f}" if c.endswith("_diff") else f"{r[c]:.2f}" if c.endswith(("_acc", "_file"))
+                        else str(r[c]) for c in heads))
+    out.print(table)
 
 
 @cli.command("plot")

@@ -224,6 +224,8 @@ def evaluate(
         evaluated += part.n
         if progress:
             progress(done, len(starts), robust, evaluated)
+    if not parts and world > 1:  # fewer batches than ranks: this one had none; rank 0 merges the others
+        return _to_result(names, parts, seconds)
     return merge_results([_to_result(names, parts, seconds)])
 
 

@@ -31,7 +31,9 @@ from .errors import UsageError
 from .evaluate import BatchStore, EvalResult, ProgressFn, evaluate, merge_results, resolve_device
 from .leaderboard import Leaderboard, ResultRow, canonical_json, eps_str
 from .models import PACKAGED_WEIGHTS, file_sha256, load_model
+from .models import robustbench as rb
 from .models.checkpoint import check_sha256
+from .models.robustbench_weights import check_normalize, locate_weights, weights_path
 from .records import save_adversarial, write_records
 from .threat import ThreatModel, parse_eps
 
@@ -56,6 +58,8 @@ class EvalSpec:
     checkpoint: list[str | None] = field(default_factory=list)
     sha256: str | None = None
     normalize: str | None = "default"
+    threat_model: str | None = None  # RobustBench's (Linf, L2, ...): robustbench: models' zoo, default norm and eps
+    model_dir: str | None = None  # RobustBench's weights folder (<model_dir>/<dataset>/<threat_model>/<name>.pt)
     dataset: str = "digits"
     data_dir: str | None = None
     split: str = "test"
@@ -66,8 +70,8 @@ class EvalSpec:
     backend: str = "native"  # native, torchattacks or autoattack (pyautoattack)
     defense: str | None = None  # an inference defense wrapping every model (e.g. aaa)
     defense_kwargs: dict[str, Any] = field(default_factory=dict)
-    norm: str = "linf"
-    eps: list[float] = field(default_factory=lambda: [0.1])
+    norm: str | None = None  # default: from threat_model (L2 -> l2), else linf
+    eps: list[float] = field(default_factory=list)  # default: RobustBench's eps for robustbench: models, else 0.1
     seed: int = 0
     batch_size: int = 256
     device: str = "auto"
@@ -76,14 +80,21 @@ class EvalSpec:
     save_adv: str | None = None
     surrogate: str | None = None  # craft on this model, score on each evaluated model (transfer)
     surrogate_checkpoint: str | None = None
+    prompt: str | None = None  # a trained visual prompt (robustkit train prompt) around every model
 
     def __post_init__(self) -> None:
         self.model = _split(self.model)
         self.attack = split_attacks(self.attack)
         self.checkpoint = [c or None for c in _split(self.checkpoint)]
         self.eps = [parse_eps(e) for e in _split(self.eps if not isinstance(self.eps, int | float) else [self.eps])]
+        if self.prompt and not self.model:  # the backbone the prompt was trained on
+            from .prompting import prompt_backbone
+
+            model, checkpoint = prompt_backbone(self.prompt)
+            self.model, self.checkpoint = [model], self.checkpoint or [checkpoint]
         if not self.model:
             self.model = [_model_from_sidecar(c) for c in self.checkpoint] or ["digits-cnn"]
+        self._robustbench_defaults()
         if not self.attack or not self.eps:
             raise UsageError("An evaluation needs at least one attack and one eps.")
         if self.checkpoint and len(self.checkpoint) not in (1, len(self.model)):
@@ -91,6 +102,22 @@ class EvalSpec:
                              f"{len(self.checkpoint)} checkpoints.")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}.")
+
+    def _robustbench_defaults(self) -> None:
+        """Qualify ``robustbench:NAME`` models with the dataset and threat model, and fill norm and
+        eps: RobustBench's for its models (cifar10 Linf: 8/255), else linf and 0.1."""
+        if self.threat_model:
+            self.threat_model = rb.canonical_threat_model(self.threat_model)
+        self.norm = self.norm or ("l2" if self.threat_model == "L2" else "linf")
+        dataset = self.dataset if self.dataset.lower() in rb.DATASETS else None
+        threat = self.threat_model or rb.threat_model_for_norm(self.norm)
+        self.model = [rb.qualify(m, dataset, threat) if rb.is_robustbench(m) else m for m in self.model]
+        refs = [rb.parse_ref(m) for m in self.model if rb.is_robustbench(m)]
+        if self.model_dir and not refs:
+            raise UsageError("--model-dir locates RobustBench weights; give a robustbench: model with it.")
+        if not self.eps:
+            zoo_eps = rb.benchmark_eps(refs[0].dataset if refs else self.dataset.lower(), self.norm)
+            self.eps = [zoo_eps if zoo_eps is not None and (refs or self.threat_model) else 0.1]
 
     def checkpoint_of(self, i: int) -> str | None:
         if not self.checkpoint:
@@ -143,7 +170,16 @@ class Grid:
         self.threats = [ThreatModel(spec.norm, e) for e in spec.eps]
         for threat in self.threats:  # validate every attack and option before any work
             self.attacks(threat)
+        for i, name in enumerate(spec.model):  # and every RobustBench model and its weights (imports robustbench)
+            if rb.is_robustbench(name):
+                check_normalize(name, spec.normalize)
+                locate_weights(name, spec.checkpoint_of(i), model_dir=spec.model_dir, download=spec.download,
+                               fetch=False)
         self.defense = defense_label(spec.defense, spec.defense_kwargs)
+        if spec.prompt:  # rows of a prompted model differ from the backbone's
+            from .prompting import prompt_label
+
+            self.defense = "+".join(filter(None, [prompt_label(spec.prompt), self.defense]))
         self.dataset: Dataset = load_dataset(spec.dataset, data_dir=spec.data_dir, split=spec.split,
                                              n_examples=spec.n_examples, download=spec.download)
         self.device = resolve_device(dist.local_device(spec.device))
@@ -184,13 +220,16 @@ class Grid:
         """Evaluate model ``index`` at ``threat``; returns None on ranks other than 0."""
         spec = self.spec
         name, checkpoint = spec.model[index], spec.checkpoint_of(index)
-        sha = _checkpoint_sha(name, checkpoint)
+        sha = _checkpoint_sha(name, checkpoint, spec.model_dir)
         attacks = self.attacks(threat)
         planned = self._rows(name, sha, threat, attacks, None, {})
         existing = [self.board.get(r) for r in planned if self.board.exists(r)]
         if len(existing) == len(planned) and not self.overwrite:
             return CellReport(name, threat.eps, [], existing)
-        model = wrap_defense(_load(name, checkpoint, spec), spec.defense, spec.defense_kwargs)
+        from .prompting import wrap_prompt
+
+        model = wrap_defense(wrap_prompt(_load(name, checkpoint, spec), spec.prompt), spec.defense,
+                             spec.defense_kwargs)
         key = canonical_json({"model": name, "sha": sha, "defense": self.defense, "normalize": spec.normalize,
                               "data": self.dataset.name,
                               "split": spec.split, "n": len(self.dataset), "norm": threat.norm,
@@ -276,6 +315,9 @@ def _load(name: str, checkpoint: str | None, spec: EvalSpec) -> torch.nn.Module:
         if spec.sha256:
             check_sha256(Path(checkpoint), spec.sha256)
         return load_trained_model(checkpoint)
+    if rb.is_robustbench(name):
+        return load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256,
+                          model_dir=spec.model_dir, download=spec.download)
     return load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256)
 
 
@@ -315,7 +357,9 @@ def wrap_defense(model: torch.nn.Module, name: str | None, kwargs: dict[str, Any
         raise UsageError(f"Bad options for defense {name}: {e}.") from None
 
 
-def _checkpoint_sha(model: str, checkpoint: str | None) -> str:
+def _checkpoint_sha(model: str, checkpoint: str | None, model_dir: str | None = None) -> str:
+    if not checkpoint and rb.is_robustbench(model):  # the weights in RobustBench's layout
+        checkpoint = str(weights_path(rb.parse_ref(model), model_dir))
     if checkpoint:
         return file_sha256(checkpoint) if Path(checkpoint).is_file() else ""
     packaged = PACKAGED_WEIGHTS.get(model)

@@ -1,8 +1,10 @@
 """Optimizers and learning-rate schedules for ``robustkit.train``.
 
 ``LAMB`` (You et al., 2020, "Large Batch Optimization for Deep Learning: Training BERT in 76
-minutes", Algorithm 2) is implemented here because torch does not ship it. Schedules are pure
-functions of training progress, so a resumed run needs no scheduler state.
+minutes", Algorithm 2) is implemented here because torch does not ship it; ``bias_correction``
+and ``max_weight_norm`` select the variant DAT's reference code uses (``lamb.py`` of
+dat-2022/dat, from cybertronai/pytorch-lamb: no bias correction, ``||w||`` clamped to 10).
+Schedules are pure functions of training progress, so a resumed run needs no scheduler state.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ SCHEDULES = ("constant", "multistep", "cosine", "cyclic", "warmup")
 
 class LAMB(torch.optim.Optimizer):
     """Layer-wise adaptive moments (LAMB): Adam's update with decoupled weight decay, scaled per
-    parameter tensor by the trust ratio ``||w|| / ||update||`` (1 when either norm is 0)."""
+    parameter tensor by the trust ratio ``||w|| / ||update||`` (1 when either norm is 0).
+
+    ``bias_correction=False`` uses the raw moments ``m / (sqrt(v) + eps)`` and
+    ``max_weight_norm`` clamps ``||w||`` in the trust ratio; both as in DAT's reference.
+    """
 
     def __init__(
         self,
@@ -30,10 +36,16 @@ class LAMB(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        *,
+        bias_correction: bool = True,
+        max_weight_norm: float | None = None,
     ):
         if lr <= 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise UsageError(f"Bad LAMB settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}.")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        if max_weight_norm is not None and not max_weight_norm > 0:
+            raise UsageError(f"LAMB's max_weight_norm must be positive, got {max_weight_norm}.")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                                  "bias_correction": bias_correction, "max_weight_norm": max_weight_norm})
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201
@@ -59,12 +71,14 @@ class LAMB(torch.optim.Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.mul_(beta1).add_(grad, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                m_hat = m / (1 - beta1**t)
-                v_hat = v / (1 - beta2**t)
-                update = m_hat / (v_hat.sqrt() + group["eps"])
+                if group.get("bias_correction", True):
+                    m, v = m / (1 - beta1**t), v / (1 - beta2**t)
+                update = m / (v.sqrt() + group["eps"])
                 if group["weight_decay"]:
                     update = update.add(p, alpha=group["weight_decay"])
                 w_norm = p.norm()
+                if group.get("max_weight_norm") is not None:
+                    w_norm = w_norm.clamp(max=group["max_weight_norm"])
                 u_norm = update.norm()
                 trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
                 p.add_(update * trust, alpha=-group["lr"])

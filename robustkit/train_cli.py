@@ -3,17 +3,24 @@
 Thin on purpose: every option is a ``TrainConfig`` field; ``--config FILE`` reads the same
 fields from YAML, options given on the command line override it, ``--dump-config`` prints the
 resolved YAML and exits. Values are validated by the library (one red line, exit 2).
+
+``dat`` and ``dat-fgsm`` build a :class:`~robustkit.dat.DATConfig` (DAT's defaults, its extra
+options) and run :func:`~robustkit.dat.train_dat`, also under torchrun: then only rank 0 shows
+progress and results, and an error every worker shares is printed once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
+
+from .prompt_cli import TrainCommand  # hands `robustkit train prompt ...` (EVP, own options) to its command
 
 # (option, TrainConfig field, click type, help) for the plain value options.
 _VALUE_OPTIONS: list[tuple[str, str, Any, str]] = [
@@ -59,19 +66,33 @@ _VALUE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--eval-n-examples", "eval_n_examples", int, "Evaluate --eval on the first N held-out examples."),
     ("--db", "db", str, "Leaderboard file for --eval (default ~/.robustkit/leaderboard.db)."),
 ]
+# Options of the DAT methods only (DATConfig fields).
+_DAT_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--grad-compression", "grad_compression", str,
+     "dat: gradient compression between workers: none (default), fp16, bf16 or qsgd."),
+    ("--quant-bits", "quant_bits", int, "dat: bits per element of --grad-compression qsgd, sign included (8)."),
+    ("--quant-bucket", "quant_bucket", int, "dat: one qsgd norm per N elements (default: per parameter, as DAT)."),
+    ("--lr-scaling", "lr_scaling", str, "dat: scale --lr with the global batch: none (default), linear, sqrt."),
+    ("--base-batch-size", "base_batch_size", int, "dat: the batch size --lr is meant for when scaled (256)."),
+    ("--clean-weight", "clean_weight", float, "dat: weight of the clean CE added to the adversarial CE "
+     "(dat 1, dat-fgsm 0)."),
+    ("--unlabeled", "unlabeled", str, "dat: npz:PATH of unlabeled images, trained on with pseudo-labels."),
+    ("--n-unlabeled", "n_unlabeled", int, "dat: use the first N unlabeled images."),
+    ("--dist-timeout", "dist_timeout", float, "dat: seconds to wait for the other workers before giving up (600)."),
+]
 _FLAG_OPTIONS = [("--resume", "resume", "Continue the run in --out from its last epoch checkpoint."),
                  ("--channels-last", "channels_last", "Use the channels_last memory format.")]
 
 
 def _add_options(fn: Any) -> Any:
-    for opt, dest, typ, help_text in reversed(_VALUE_OPTIONS):
+    for opt, dest, typ, help_text in reversed(_VALUE_OPTIONS + _DAT_OPTIONS):
         fn = click.option(opt, dest, type=typ, default=None, help=help_text)(fn)
     for opt, dest, help_text in reversed(_FLAG_OPTIONS):
         fn = click.option(opt, dest, is_flag=True, default=False, help=help_text)(fn)
     return fn
 
 
-@click.command("train")
+@click.command("train", cls=TrainCommand)
 @click.argument("method", required=False)
 @click.option("--trick", "tricks", multiple=True,
               help="FGSM-AT trick (repeatable): mask, stride, smooth-act, weight-reg.")
@@ -84,7 +105,7 @@ def _add_options(fn: Any) -> Any:
 @click.pass_context
 def train_cmd(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval_attacks: tuple[str, ...],
               config_file: str | None, dump_config: bool, quiet: bool, **options: Any) -> None:
-    """Train a model with METHOD (standard, pgd-at, trades, mart, fgsm-rs, fgsm-at).
+    """Train a model with METHOD (standard, pgd-at, trades, mart, fgsm-rs, fgsm-at, dat, dat-fgsm).
 
     Saves per-epoch checkpoints, metrics (CSV/JSON) and final .safetensors weights with a JSON
     sidecar in --out; flags catastrophic overfitting (PGD accuracy collapsing while FGSM
@@ -99,14 +120,57 @@ def train_cmd(ctx: click.Context, method: str | None, tricks: tuple[str, ...], e
       robustkit train fgsm-rs --dataset digits --eps 0.1 --epochs 3 --out runs/d --eval pgd
       robustkit train --config train.yaml --resume
       robustkit train trades --model preactresnet18 --eps 8/255 --dump-config > train.yaml
-    """
-    from .train import TrainConfig
+      torchrun --nproc-per-node 2 -m robustkit train dat --model preactresnet18 --dataset cifar10 \\
+          --data-dir ~/data --eps 8/255 --batch-size 256 --grad-compression qsgd --out runs/dat
 
+    dat and dat-fgsm (distributed adversarial training, also one process) use LAMB, lr 0.01 and 5
+    warmup epochs by default, take --batch-size as the global batch, and evaluate with --eval pgd
+    at the end unless told otherwise (--eval none).
+    """
+    from .errors import UserError
+
+    try:
+        _train(ctx, method, tricks, eval_attacks, config_file, dump_config, quiet, options)
+    except UserError as e:
+        if _rank() and getattr(e, "worker", None) is None:
+            raise click.exceptions.Exit(e.exit_code) from None  # every worker has it; rank 0 prints it
+        raise
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _yaml_keys(config_file: str) -> dict[str, Any]:
+    """The raw mapping of a config file (to pick the config class), or {} if it cannot be read here."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(config_file).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _train(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval_attacks: tuple[str, ...],
+           config_file: str | None, dump_config: bool, quiet: bool, options: dict[str, Any]) -> None:
+    from .dat import DATConfig, is_dat_method, train_dat
+    from .errors import UsageError
+    from .train import TrainConfig, train
+
+    raw = _yaml_keys(config_file) if config_file else {}
+    dat = is_dat_method(method if method is not None else raw.get("method"))
+    cls = DATConfig if dat else TrainConfig
     values: dict[str, Any] = {}
     if config_file:
-        values.update(TrainConfig.from_yaml(Path(config_file)).to_dict())
+        values.update(cls.from_yaml(Path(config_file)).to_dict())
     if method is not None:
         values["method"] = method
+    if not dat:
+        given = [opt for opt, dest, _t, _h in _DAT_OPTIONS if options.get(dest) is not None]
+        if given:
+            raise UsageError(f"{given[0]} is an option of `robustkit train dat` (and dat-fgsm), not of "
+                             f"{values.get('method', 'this method')}.")
     for name, value in options.items():
         if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or (
             value is not None and not isinstance(value, bool)
@@ -117,32 +181,55 @@ def train_cmd(ctx: click.Context, method: str | None, tricks: tuple[str, ...], e
     if eval_attacks:
         from .attack_spec import split_attacks
 
-        values["eval_attacks"] = [a for item in eval_attacks for a in split_attacks(item)]
+        values["eval_attacks"] = [a for item in eval_attacks for a in split_attacks(item) if a.lower() != "none"]
+    elif dat and "eval_attacks" not in raw and "eval-attacks" not in raw:
+        values["eval_attacks"] = ["pgd"]  # DAT ends with a robust-accuracy row in the leaderboard
     if "attack_step_size" in values and isinstance(values["attack_step_size"], str):
         from .threat import parse_eps
 
         values["attack_step_size"] = parse_eps(values["attack_step_size"])
     if "method" not in values:
-        from .errors import UsageError
-
         raise UsageError("Name a training method (e.g. `robustkit train pgd-at`) or give --config FILE.")
-    if not values.get("out") and not dump_config:
+    if not values.get("out") and (dat or not dump_config):  # dat: its default --eval needs --out
         model = re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(values.get("model", "digits-cnn")))
         values["out"] = f"runs/{values['method']}-{model}"
-    config = TrainConfig.from_dict(values)
+    config = cls.from_dict(values)
     if dump_config:
         click.echo(config.to_yaml(), nl=False)
         return
-    _run(config, quiet)
+    if dat:
+        primary = _rank() == 0
+        if primary:
+            _show_warnings()
+        _run(config, quiet or not primary, runner=train_dat, show=primary)
+    else:
+        _run(config, quiet, runner=train)
 
 
-def _run(config: Any, quiet: bool) -> None:
+class _ConsoleWarnings(logging.Handler):
+    """Prints the training loop's warnings (e.g. a skipped --eval) as yellow lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.text import Text
+
+        from .cli import err
+
+        err.print(Text(f"warning: {record.getMessage()}", style="yellow"), soft_wrap=True)
+
+
+def _show_warnings() -> None:
+    logger = logging.getLogger("robustkit.train")
+    if not any(isinstance(h, _ConsoleWarnings) for h in logger.handlers):
+        logger.addHandler(_ConsoleWarnings(logging.WARNING))
+
+
+def _run(config: Any, quiet: bool, *, runner: Any, show: bool = True) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
     from rich.text import Text
 
     from .cli import err, out
-    from .train import TrainEvent, train
+    from .train import TrainEvent
 
     logging.getLogger("robustkit.train").addHandler(logging.NullHandler())
     bar = Progress(
@@ -185,10 +272,12 @@ def _run(config: Any, quiet: bool) -> None:
             bar.update(state["task"], status=status())
 
     try:
-        result = train(config, progress=on_event)
+        result = runner(config, progress=on_event)
     finally:
         if state["task"] is not None:
             bar.stop()
+    if not show:
+        return
     table = Table(title=f"{config.method} on {config.model}, {config.dataset}, {config.norm} eps={config.eps:.4g}")
     for col in ("epoch", "loss", "train acc", "clean", "FGSM", "PGD-10", "CO", "seconds"):
         table.add_column(col, justify="right")

@@ -15,6 +15,7 @@ from ..registry import MODELS
 from .checkpoint import apply_state_dict, load_state_dict, unwrap_state_dict
 from .external import external_info, is_external
 from .normalize import Normalize, parse_normalize
+from .robustbench import is_robustbench, qualify, robustbench_info
 from .zoo import ModelInfo, ZooModel
 
 #: Weights robustkit ships inside the package, used when no checkpoint is given.
@@ -24,9 +25,12 @@ NormalizeSpec = str | tuple[Sequence[float], Sequence[float]] | None
 
 
 def model_info(name: str) -> ModelInfo:
-    """The registry entry for ``name`` (an alias, ``torchvision:NAME`` or ``timm:NAME`` too)."""
+    """The registry entry for ``name`` (an alias, ``torchvision:NAME``, ``timm:NAME`` or
+    ``robustbench:NAME`` too)."""
     if is_external(name):
         return external_info(name)
+    if is_robustbench(name):
+        return robustbench_info(name)
     entry = MODELS.get(name)
     if isinstance(entry, ModelInfo):
         return entry
@@ -37,6 +41,8 @@ def model_info(name: str) -> ModelInfo:
 
 
 def _canonical(name: str) -> str:
+    if is_robustbench(name):
+        return qualify(name)
     return name if is_external(name) else MODELS.canonical(name)
 
 
@@ -60,6 +66,10 @@ def build_model(
     _positive(num_classes, "num_classes")
     _positive(in_channels, "in_channels")
     info = model_info(name)
+    if is_robustbench(name):  # the zoo's builders take no arguments
+        if num_classes not in (None, info.num_classes) or in_channels not in (None, info.input_size[0]):
+            raise UsageError(f"{name} is built as RobustBench defines it; drop num_classes/in_channels.")
+        return info.factory()
     kwargs: dict[str, int] = {}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -102,6 +112,8 @@ def load_model(
     normalize: NormalizeSpec = "default",
     sha256: str | None = None,
     num_classes: int | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
+    download: bool = False,
 ) -> ZooModel:
     """Build ``name``, load ``checkpoint`` safely into it, and put Normalize in front.
 
@@ -110,7 +122,18 @@ def load_model(
     ``(mean, std)`` pair sets it explicitly. ``sha256`` verifies the checkpoint file first.
     ``digits-cnn`` without a checkpoint gets robustkit's packaged weights when present.
     The result is a :class:`ZooModel` in eval mode (``.name``, ``.info``, ``.net``).
+
+    ``robustbench:[DATASET/THREAT_MODEL/]NAME`` builds RobustBench's zoo entry and, without a
+    checkpoint, reads its weights from RobustBench's layout under ``model_dir`` (downloaded
+    only with ``download=True``); see :func:`robustkit.models.robustbench_weights.load_robustbench`.
     """
+    if is_robustbench(name):
+        from .robustbench_weights import load_robustbench
+
+        return load_robustbench(name, checkpoint, model_dir=model_dir, download=download,
+                                normalize=normalize, sha256=sha256)
+    if model_dir is not None or download:
+        raise UsageError(f"model_dir and download locate RobustBench weights; {name!r} is not a robustbench: model.")
     key = _canonical(name)
     info = model_info(key)
     layer = _normalize_layer(normalize, info, key)

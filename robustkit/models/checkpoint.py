@@ -12,7 +12,7 @@ import os
 import pickle
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -144,8 +144,8 @@ def _describe(obj: object) -> str:
     return f"a {type(obj).__name__}"
 
 
-def load_state_dict(path: str | os.PathLike[str], sha256: str | None = None) -> StateDict:
-    """Read a checkpoint file safely and return its plain state dict on the CPU.
+def read_checkpoint(path: str | os.PathLike[str], sha256: str | None = None) -> object:
+    """Read a checkpoint file safely, as it was saved (tensors in plain containers), on the CPU.
 
     ``.safetensors`` files use safetensors; everything else goes through
     ``torch.load(map_location="cpu", weights_only=True)`` only, so no code is ever run.
@@ -156,8 +156,13 @@ def load_state_dict(path: str | os.PathLike[str], sha256: str | None = None) -> 
         raise CheckpointError(f"Checkpoint file not found: {p}.")
     if sha256 is not None:
         check_sha256(p, sha256)
-    obj = _safetensors_load(p) if p.suffix.lower() == ".safetensors" else _torch_load(p)
-    return unwrap_state_dict(obj, source=f"Checkpoint {p}")
+    return _safetensors_load(p) if p.suffix.lower() == ".safetensors" else _torch_load(p)
+
+
+def load_state_dict(path: str | os.PathLike[str], sha256: str | None = None) -> StateDict:
+    """Read a checkpoint file safely (see :func:`read_checkpoint`) and return its plain state dict."""
+    obj = read_checkpoint(path, sha256)
+    return unwrap_state_dict(obj, source=f"Checkpoint {Path(path).expanduser()}")
 
 
 def _normalize_keys(model: nn.Module) -> set[str]:
@@ -193,12 +198,17 @@ def _plural(n: int, what: str) -> str:
 
 
 def apply_state_dict(
-    model: nn.Module, state: Mapping[str, torch.Tensor], *, name: str | None = None
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    name: str | None = None,
+    optional: Collection[str] = (),
 ) -> None:
     """Load ``state`` into ``model`` strictly, with one clear error if it does not fit.
 
     Normalize buffers are neither required nor overwritten (normalization is chosen when the
     model is built), and BatchNorm's ``num_batches_tracked`` may be absent (old checkpoints).
+    Keys in ``optional`` may be absent too; the model then keeps the values it was built with.
     """
     label = name or getattr(model, "name", None) or type(model).__name__
     if isinstance(model, ZooModel):  # weights belong to the network behind the Normalize layer
@@ -212,7 +222,12 @@ def apply_state_dict(
         state = {k: v for k, v in state.items() if not k.startswith("normalize.")}
 
     missing = [
-        k for k in own if k in expected and k not in state and not k.endswith("num_batches_tracked")
+        k
+        for k in own
+        if k in expected
+        and k not in state
+        and k not in optional
+        and not k.endswith("num_batches_tracked")
     ]
     unexpected = [k for k in state if k not in own]
     mismatched = [

@@ -290,3 +290,18 @@ def test_cli_trains_and_the_checkpoint_loads_back(method: str, capsys: pytest.Ca
                                 "20", "--attack", "pgd", "--eps", "4/255", "--db", str(tmp_path / "b.db"))
     assert code == 0, err
     assert "dual-bn" in " ".join(stdout.split()) and "pgd" in stdout
+
+
+def test_conversion_preserves_a_pretrained_model() -> None:
+    from robustkit.models import load_model
+
+    from conftest import cifar10_test, shared_file
+
+    net = load_model("resnet20", shared_file("models/resnet20-12fca82f.th")).eval()
+    x, _ = cifar10_test(32)
+    with torch.no_grad():
+        before = net(x)
+        assert to_dual_bn(net) > 0
+        torch.testing.assert_close(net.eval()(x), before, rtol=0, atol=0)
+        with auxiliary_bn(net):
+            torch.testing.assert_close(net(x), before, rtol=0, atol=0)

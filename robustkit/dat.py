@@ -579,6 +579,7 @@ class _DATRun:
                         "world_size": world,
                     }  # fmt: skip
                     ckpts.save(epoch + 1, state, zoo, optimizer, ema, None)
+                    self.checkpointed = self.epoch = epoch + 1  # a failure from here on is past this epoch
                     _write_metrics(self.out, history, detector.history if detector else [],
                                    {"co_detected": bool(detector and detector.flagged), "stopped_early": stopped})
             last, stopped = _from_rank0(lambda stop=stopped: (history[-1], stop), world)

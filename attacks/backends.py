@@ -48,6 +48,12 @@ class _Logits(nn.Module):
         return self.forward_fn(x)
 
 
+def _torchattacks_class(name: str, classes: list[str]) -> str | None:
+    """torchattacks' spelling of a class name given in any case, with or without hyphens."""
+    key = name.lower().replace("-", "")
+    return next((c for c in classes if c.lower().replace("-", "") == key), None)
+
+
 @contextlib.contextmanager
 def _seeded(device: torch.device, seed: int) -> Iterator[None]:
     """Seed the global RNG (which these libraries draw from) and restore it afterwards."""
@@ -70,13 +76,12 @@ class TorchAttacks(Attack):
         super().__init__(threat, seed=seed, early_stop=early_stop, autocast=autocast, channels_last=channels_last)
         ta = _import("torchattacks", "pip install --no-deps torchattacks==3.5.1")
         attack = attack or ("PGDL2" if threat.norm == "l2" else "PGD")
-        by_key = {n.lower().replace("-", ""): n for n in ta.__all__}
-        key = attack.lower().replace("-", "")
-        if key not in by_key:
+        found = _torchattacks_class(attack, ta.__all__)
+        if found is None:
             close = difflib.get_close_matches(attack, ta.__all__, n=3, cutoff=0.4)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise UsageError(f"torchattacks has no attack {attack!r}.{hint} It has {', '.join(ta.__all__)}.")
-        self.attack_name = by_key[key]
+        self.attack_name = found
         self.cls = getattr(ta, self.attack_name)
         params = inspect.signature(self.cls.__init__).parameters
         self.options = dict(options)
@@ -101,8 +106,7 @@ class TorchAttacks(Attack):
             import torchattacks
         except ImportError:
             return variant
-        by_key = {n.lower().replace("-", ""): n for n in torchattacks.__all__}
-        return by_key.get(variant.lower().replace("-", ""), variant)
+        return _torchattacks_class(variant, torchattacks.__all__) or variant
 
     @staticmethod
     def variant_options(variant: str) -> dict[str, Any]:

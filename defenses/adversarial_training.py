@@ -33,6 +33,7 @@ from robustkit.registry import DEFENSES
 from robustkit.threat import ThreatModel
 
 from .fgsm_tricks import MaskInit, TrickOptions, apply_architecture, first_conv, weight_penalty
+from .kinds import defenses_of_kind
 
 
 @dataclass
@@ -332,7 +333,7 @@ class MART(TrainingStrategy):
 
 def training_methods() -> list[str]:
     """Names of the registered training strategies."""
-    return [n for n, obj in DEFENSES.items() if getattr(obj, "kind", None) == "training"]
+    return defenses_of_kind("training")
 
 
 def build_strategy(name: str, threat: ThreatModel, **options: Any) -> TrainingStrategy:

@@ -267,17 +267,13 @@ def poison_cmd(method: str, dataset: str, data_dir: str | None, download: bool, 
     from pathlib import Path
 
     import robustkit.defenses  # noqa: F401  (registers the defenses)
+    from robustkit.defenses.kinds import defense_of_kind
     from robustkit.defenses.one_pixel_shortcut import save_npz
 
     from .data import load_dataset
     from .errors import UsageError
-    from .registry import DEFENSES
 
-    key = DEFENSES.canonical(method)
-    cls = DEFENSES.get(key)
-    if getattr(cls, "kind", None) != "data":
-        data = [n for n, d in DEFENSES.items() if getattr(d, "kind", None) == "data"]
-        raise UsageError(f"{key!r} is not a data defense; robustkit poison takes {', '.join(data)}.")
+    key, cls = defense_of_kind(method, "data", "robustkit poison")
     if not output.endswith(".npz"):
         raise UsageError(f"--output must be an .npz file, got {output!r}.")
     with err.status(f"Loading {dataset} ({split})…"):

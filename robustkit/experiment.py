@@ -329,18 +329,9 @@ def defense_label(name: str | None, kwargs: dict[str, Any]) -> str:
             raise UsageError("--defense-kwargs was given without --defense.")
         return ""
     import robustkit.defenses  # noqa: F401  (registers the defenses)
+    from robustkit.defenses.kinds import defense_of_kind
 
-    from .registry import DEFENSES
-
-    key = DEFENSES.canonical(name)
-    kind = getattr(DEFENSES.get(key), "kind", None)
-    if kind != "inference":
-        inference = [n for n, d in DEFENSES.items() if getattr(d, "kind", None) == "inference"]
-        raise UsageError(f"{key!r} is a {kind} defense; robustkit eval applies inference defenses "
-                         f"({', '.join(inference)}); train with `robustkit train {key}` instead."
-                         if kind == "training" else
-                         f"{key!r} is a {kind} defense; robustkit eval applies inference defenses "
-                         f"({', '.join(inference)}).")
+    key, _ = defense_of_kind(name, "inference", "robustkit eval --defense")
     return key + (canonical_json(kwargs) if kwargs else "")
 
 

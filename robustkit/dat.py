@@ -332,12 +332,15 @@ def train_dat(config: DATConfig, *, progress: ProgressFn | None = None, model: Z
     loses the others raises :class:`WorkerLostError` naming the checkpoint to ``--resume`` from.
     """
     config.validate()
-    owned = not dist.is_initialized()
-    rank, world = distributed.init_from_env(config.device, timeout_s=config.dist_timeout)
+    owned = distributed.init_from_env(config.device, timeout_s=config.dist_timeout)
+    rank, world = distributed.world()
     run = _DATRun(config, rank, world, progress if rank == 0 else None)
     try:
         with _sigterm_raises(world > 1):
-            return run.run(model)
+            result = run.run(model)
+            if owned:
+                distributed.finish()
+            return result
     except _Terminated:
         raise _local(WorkerLostError(run.lost_message("torchrun stopped it because another worker failed")),
                      rank) from None
@@ -351,7 +354,7 @@ def train_dat(config: DATConfig, *, progress: ProgressFn | None = None, model: Z
                          rank) from None
         raise
     finally:
-        if owned and world > 1:
+        if owned:
             distributed.shutdown()
 
 

@@ -20,15 +20,15 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> tuple[int, int]:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); a no-op otherwise."""
+def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); True when this call started it."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return world()
+        return False
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-    return world()
+    return True
 
 
 def local_device(device: str) -> str:
@@ -56,3 +56,10 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish() -> None:
+    """Wait for every rank, then leave the group: a rank that exits while its peers still hold
+    connections to it can make gloo abort them (SIGABRT, seen in CI)."""
+    barrier()
+    shutdown()

@@ -360,8 +360,11 @@ def _checkpoint_sha(model: str, checkpoint: str | None, model_dir: str | None = 
 def run_grid(spec: EvalSpec, *, db: str | Path | None = None, overwrite: bool = False,
              progress: CellProgress | None = None) -> list[CellReport]:
     """Evaluate every cell of ``spec``; under torchrun only rank 0 gets the reports (others: [])."""
-    dist.init_from_env(spec.device)
-    return Grid(spec, db=db, overwrite=overwrite).run(progress)
+    started = dist.init_from_env(spec.device)
+    reports = Grid(spec, db=db, overwrite=overwrite).run(progress)
+    if started:
+        dist.finish()  # every rank leaves together, after rank 0 has written the rows
+    return reports
 
 
 def summary(reports: Sequence[CellReport]) -> list[dict[str, Any]]:

@@ -2,7 +2,8 @@
 :func:`~robustkit.prompt_training.train_prompt`.
 
 Its options differ from the other training methods', so ``robustkit train`` is built with
-:class:`TrainCommand`, which hands ``train prompt ...`` to :data:`train_prompt_cmd` before parsing.
+:class:`TrainCommand`, which hands ``train prompt ...`` (and the other :data:`SUBCOMMANDS`) to
+their own commands before parsing.
 """
 
 from __future__ import annotations
@@ -110,18 +111,33 @@ def _run(config: Any, quiet: bool, runner: Any) -> None:
                        f"`robustkit eval --prompt {result.weights} --dataset {config.dataset}`."), soft_wrap=True)
 
 
+# `robustkit train NAME ...` for the procedures whose options differ from the training methods':
+# NAME -> ("module:command", one line for `robustkit train --help`). Imported only when used.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "prompt": ("robustkit.prompt_cli:train_prompt_cmd",
+               "train an EVP prompt for a frozen backbone (--model M --checkpoint W --dataset D)"),
+}
+
+
+def _subcommand(name: str) -> click.Command:
+    import importlib
+
+    module, _, attr = SUBCOMMANDS[name][0].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 class TrainCommand(click.Command):
-    """``robustkit train``, except that ``robustkit train prompt ...`` runs :data:`train_prompt_cmd`."""
+    """``robustkit train``, except that ``robustkit train NAME ...`` runs the command
+    :data:`SUBCOMMANDS` names (``prompt``: :data:`train_prompt_cmd`)."""
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
                      **extra: Any) -> click.Context:
-        if args and args[0] == "prompt":
-            return train_prompt_cmd.make_context(f"{info_name or 'train'} prompt", list(args[1:]), parent=parent,
-                                                 **extra)
+        if args and args[0] in SUBCOMMANDS:
+            return _subcommand(args[0]).make_context(f"{info_name or 'train'} {args[0]}", list(args[1:]),
+                                                     parent=parent, **extra)
         return super().make_context(info_name, args, parent=parent, **extra)
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         super().format_epilog(ctx, formatter)
-        with formatter.section("Visual prompting"):
-            formatter.write_text("robustkit train prompt --model M --checkpoint W --dataset D: train an EVP prompt "
-                                 "for a frozen backbone (see `robustkit train prompt --help`).")
+        with formatter.section("Other training procedures (own options: robustkit train NAME --help)"):
+            formatter.write_dl([(name, text) for name, (_, text) in SUBCOMMANDS.items()])

@@ -434,3 +434,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 from .train_cli import train_cmd  # noqa: E402
 
 cli.add_command(train_cmd)
+
+from .report_cli import report_group  # noqa: E402
+
+cli.add_command(report_group)

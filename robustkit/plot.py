@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -10,6 +11,21 @@ from .errors import DataError, DependencyError, UsageError
 
 METRICS = ("robust_acc", "clean_acc", "seconds")
 X_AXES = ("eps", "n_examples")
+
+
+def pyplot(output: str | Path) -> Any:
+    """matplotlib.pyplot (Agg backend) after checking that ``output`` names a figure file."""
+    if Path(output).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise UsageError(f"Write the plot to a .png, .svg or .pdf file, not {Path(output).name!r}.")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DependencyError("matplotlib", "pip install matplotlib") from None
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    return plt
 
 
 def plot_leaderboard(frame: pd.DataFrame, output: str | Path, *, metric: str = "robust_acc", x: str = "eps",
@@ -20,15 +36,7 @@ def plot_leaderboard(frame: pd.DataFrame, output: str | Path, *, metric: str = "
     if x not in X_AXES:
         raise UsageError(f"Unknown x axis {x!r}; accepted: {', '.join(X_AXES)}.")
     output = Path(output)
-    if output.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise UsageError(f"Write the plot to a .png, .svg or .pdf file, not {output.name!r}.")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise DependencyError("matplotlib", "pip install matplotlib") from None
+    plt = pyplot(output)
     if attack:
         frame = frame[frame["attack"] == attack]
     if frame.empty:
@@ -43,7 +51,6 @@ def plot_leaderboard(frame: pd.DataFrame, output: str | Path, *, metric: str = "
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output)
     plt.close(fig)
     return output

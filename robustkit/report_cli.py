@@ -59,16 +59,19 @@ def scaling_cmd(model: str | None, dataset: str | None, norm: str | None, attack
         return
     shown = Table(title=f"Power-law fits: {'clean - robust acc' if quantity == 'excess' else '1 - robust acc'} "
                   f"= c * eps^k ({level:.0%} interval)")
-    for col in ("model", "attack", "norm", "dataset", "fitted / points", "eps range", "k", "interval", "c", "R²"):
-        shown.add_column(col, justify="left" if col in ("model", "attack", "norm", "dataset") else "right",
-                         no_wrap=col in ("model", "k", "interval"))
+    rows = []
     for _, r in table.iterrows():
         name = f"{r['model']} + {r['defense']}" if r["defense"] else r["model"]
-        if math.isnan(r["exponent"]):
-            shown.add_row(name, r["attack"], r["norm"], r["dataset"], f"{r['fitted']} / {r['points']}", "", "-",
-                          Text(r["note"], style="yellow"), "", "")
-            continue
-        shown.add_row(name, r["attack"], r["norm"], r["dataset"], f"{r['fitted']} / {r['points']}",
-                      f"{r['eps_min']:.3g}–{r['eps_max']:.3g}", f"{r['exponent']:.2f}",
-                      f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]", f"{r['coefficient']:.3g}", f"{r['r2']:.3f}")
+        fitted = math.isfinite(r["exponent"])
+        rows.append([name, r["attack"], r["norm"], f"{r['fitted']}/{r['points']}",
+                     f"{r['eps_min']:.3g}–{r['eps_max']:.3g}" if fitted else "",
+                     f"{r['exponent']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if fitted else r["note"],
+                     f"{r['r2']:.3f}" if fitted else ""])
+    names = ("model", "attack", "norm", "fit/pts", "eps range", "k [interval]", "R²")
+    for i, col in enumerate(names):
+        numeric = i >= 3  # never shortened; the names are
+        shown.add_column(col, justify="right" if numeric else "left", no_wrap=numeric,
+                         min_width=max([len(col)] + [len(row[i]) for row in rows]) if numeric and i != 5 else None)
+    for row in rows:
+        shown.add_row(*row)
     out.print(shown)

@@ -66,6 +66,16 @@ class VersionOrList:
     def variant_options(variant: str) -> dict[str, Any]:
         return {"version": variant} if variant in VERSIONS else {"attacks": variant}
 
+    @staticmethod
+    def resolve(version: str, attacks: list[str] | str | None) -> tuple[str, list[str] | None]:
+        """``("custom", stage names)`` for a list, else ``(version, None)``; an unknown version is an error."""
+        if attacks:
+            return "custom", parse_stages(attacks)
+        if version not in VERSIONS:
+            raise UsageError(f"Unknown AutoAttack version {version!r}; use standard, plus, rand or a list of "
+                             f"attacks such as autoattack:apgd-ce,square.")
+        return version, None
+
 
 def parse_stages(attacks: list[str] | str) -> list[str]:
     """Canonical stage names of a custom list; only AutoAttack's own attacks are accepted."""
@@ -97,16 +107,13 @@ class AutoAttack(VersionOrList, Attack):
         **kwargs: Any,
     ):
         super().__init__(threat, **kwargs)
-        if attacks:
-            version = "custom"
-            plan = {n: standard_options(n, threat.norm) for n in parse_stages(attacks)}
-        elif version in VERSIONS:
+        version, stages = self.resolve(version, attacks)
+        if stages is not None:
+            plan = {n: standard_options(n, threat.norm) for n in stages}
+        else:
             plan = {n: dict(o) for n, o in VERSIONS[version].items()}
             if version == "standard" and threat.norm == "l1":
                 plan = {n: standard_options(n, "l1") for n in plan}
-        else:
-            raise UsageError(f"Unknown AutoAttack version {version!r}; use standard, plus, rand or a list of "
-                             f"attacks such as autoattack:apgd-ce,square.")
         for stage, options in (stage_options or {}).items():  # stages it does not run: ignored
             plan.get(ATTACKS.canonical(stage), {}).update(options)
         self.version = version

@@ -24,7 +24,7 @@ from robustkit.errors import DependencyError, UsageError
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
 
-from .autoattack import VERSIONS, VersionOrList, parse_stages
+from .autoattack import VersionOrList
 
 _NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 
@@ -140,13 +140,7 @@ class PyAutoAttack(VersionOrList, Attack):
                  **kwargs: Any):
         super().__init__(threat, **kwargs)
         _import("pyautoattack", "pip install 'robustkit[oracles]'")
-        if attacks:
-            attacks = parse_stages(attacks)
-            version = "custom"
-        elif version not in VERSIONS:
-            raise UsageError(f"Unknown AutoAttack version {version!r}; use standard, plus, rand or an attack list.")
-        self.version = version
-        self.attacks = attacks
+        self.version, self.attacks = self.resolve(version, attacks)
 
     def config(self) -> dict[str, Any]:
         import pyautoattack

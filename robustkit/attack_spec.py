@@ -80,7 +80,7 @@ def with_backend(name: str, backend: str) -> str:
         return name
     if backend == "torchattacks":
         return f"torchattacks:{name}"
-    if base.lower() in ("autoattack", "aa"):
+    if base in ATTACKS and ATTACKS.canonical(base) == "autoattack":
         return f"pyautoattack:{variant}" if sep else "pyautoattack"
     return f"pyautoattack:{name}"
 

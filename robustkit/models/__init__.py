@@ -9,7 +9,9 @@ from . import (  # noqa: F401  (imported so that they register their architectur
     preact_resnet,
     resnet_cifar,
     resnet_small,
+    robust_cnn,
     small_cnn,
+    starnet,
     wide_resnet,
 )
 from .build import PACKAGED_WEIGHTS, build_model, load_model, model_info

@@ -41,7 +41,9 @@ heavily, which weakens the white-box attack (and is the point for transfer to de
 
 :func:`transfer_attack` crafts on a surrogate model and scores the points on a target model;
 by default the attack runs its full budget on every point (the surrogate's success does not stop
-it), as in the transfer literature and torchattacks.
+it), as in the transfer literature and torchattacks. :func:`craft_transfer` is its crafting half
+(also what PubDef trains on). :data:`TRANSFER_SUITE` lists the engine's transfer attacks: what
+``robustkit eval --attack transfer --surrogate a,b,c`` runs from every surrogate.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ from robustkit.threat import ThreatModel
 from .pgd import PGD
 
 KERNELS = ("gaussian", "linear", "uniform")
+#: The transfer attacks of the engine, run from every surrogate by ``--attack transfer``.
+TRANSFER_SUITE = ("pgd", "mi-fgsm", "di-fgsm", "ti-fgsm", "mdti-fgsm")
 
 
 def smoothing_kernel(name: str = "gaussian", size: int = 15, nsig: float = 3.0) -> torch.Tensor:
@@ -294,6 +298,23 @@ def _never_success(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor |
     return torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
 
 
+def craft_transfer(attack: Attack, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                   target: torch.Tensor | None = None, stop_at_surrogate_success: bool = False,
+                   seed: int | None = None) -> AttackResult:
+    """``attack`` run on ``surrogate`` with the transfer semantics of :func:`transfer_attack`: the
+    full budget on every point unless ``stop_at_surrogate_success``. ``seed`` replaces the
+    attack's seed for this call (the caller's object is never changed). ``success`` is the
+    surrogate's. The surrogate's parameters get no gradient (the attack base freezes them)."""
+    crafter = attack
+    if not stop_at_surrogate_success or seed is not None:
+        crafter = copy.copy(attack)
+    if not stop_at_surrogate_success:
+        crafter.is_success = _never_success  # shadows the method on this copy only
+    if seed is not None:
+        crafter.seed = int(seed)
+    return crafter(surrogate, x, y, target=target)
+
+
 def transfer_attack(attack: Attack, surrogate: nn.Module, target_model: nn.Module, x: torch.Tensor,
                     y: torch.Tensor, *, target: torch.Tensor | None = None,
                     stop_at_surrogate_success: bool = False) -> AttackResult:
@@ -314,11 +335,8 @@ def transfer_attack(attack: Attack, surrogate: nn.Module, target_model: nn.Modul
     :meth:`Attack.is_success` keep their own stopping rule.
     """
     check_batch(x, y)
-    crafter = attack
-    if not stop_at_surrogate_success:
-        crafter = copy.copy(attack)
-        crafter.is_success = _never_success  # shadows the method on this copy only
-    crafted = crafter(surrogate, x, y, target=target)
+    crafted = craft_transfer(attack, surrogate, x, y, target=target,
+                             stop_at_surrogate_success=stop_at_surrogate_success)
     y = y.to(x.device)
     target = target.to(x.device) if target is not None else None
     forward = Forward(target_model, attack.autocast, attack.channels_last)
@@ -329,16 +347,23 @@ def transfer_attack(attack: Attack, surrogate: nn.Module, target_model: nn.Modul
 
 class Transferred:
     """``attack`` crafted on a fixed surrogate model and scored on the model under evaluation
-    (what ``robustkit eval --surrogate`` runs); behaves like an :class:`Attack` for the runner."""
+    (what ``robustkit eval --surrogate`` runs); behaves like an :class:`Attack` for the runner.
+    ``surrogate_sha256`` (its checkpoint's) goes into the config, so the leaderboard keeps the
+    rows of two checkpoints of one architecture apart."""
 
-    def __init__(self, attack: Attack, surrogate: nn.Module, surrogate_name: str):
+    def __init__(self, attack: Attack, surrogate: nn.Module, surrogate_name: str,
+                 surrogate_sha256: str = ""):
         self.attack = attack
         self.surrogate = surrogate
         self.surrogate_name = surrogate_name
+        self.surrogate_sha256 = surrogate_sha256
         self.threat = attack.threat
 
     def config(self) -> dict[str, Any]:
-        return {**self.attack.config(), "surrogate": self.surrogate_name}
+        cfg = {**self.attack.config(), "surrogate": self.surrogate_name}
+        if self.surrogate_sha256:
+            cfg["surrogate_sha256"] = self.surrogate_sha256
+        return cfg
 
     def stage_names(self) -> list[str]:
         return []  # a cascade's stages are scored on the surrogate; only the final outcome transfers

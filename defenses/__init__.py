@@ -20,6 +20,7 @@ from .advprop import AdvProp, DualBatchNorm, DualBN, FastAdvProp, auxiliary_bn, 
 from .dat import DAT, DATFGSM, UNLABELED
 from .fgsm_tricks import TRICKS, LargeStride, MaskInit, SmoothActivation, TrickOptions, pixel_mask
 from .one_pixel_shortcut import OnePixelShortcut, OPSPattern
+from .pubdef import PubDef, PubDefConfig
 
 __all__ = [
     "AAA",
@@ -43,6 +44,8 @@ __all__ = [
     "MaskInit",
     "OPSPattern",
     "OnePixelShortcut",
+    "PubDef",
+    "PubDefConfig",
     "SmoothActivation",
     "Standard",
     "StepOutput",

@@ -140,7 +140,8 @@ class ProgressBars:
 @click.option("--split", type=click.Choice(["test", "train"]), help="[default: test]")
 @click.option("--n-examples", type=int, help="Evaluate the first N examples (default: all).")
 @click.option("--attack", help="Attack name(s), comma-separated; autoattack[:plus|rand|LIST], "
-              "torchattacks:CLASS, pyautoattack[:...]. [default: pgd]")
+              "torchattacks:CLASS, pyautoattack[:...]; transfer (with --surrogate): PGD, MI-, DI-, TI-, MDTI-FGSM. "
+              "[default: pgd]")
 @click.option("--backend", type=click.Choice(["native", "torchattacks", "autoattack"]),
               help="Run the attacks with robustkit (native), torchattacks or pyautoattack. [default: native]")
 @click.option("--attack-kwargs", help="Attack options key=value,...; attack.key=value for one attack (pgd.steps=50).")
@@ -156,8 +157,11 @@ class ProgressBars:
 @click.option("--records", "records_dir", type=click.Path(file_okay=False),
               help="Folder for per-sample records (default ~/.robustkit/records).")
 @click.option("--save-adv", type=click.Path(file_okay=False), help="Store adversarial examples here (safetensors).")
-@click.option("--surrogate", help="Craft the attacks on this model and score them on --model (transfer).")
-@click.option("--surrogate-checkpoint", help="Checkpoint of the surrogate model.")
+@click.option("--surrogate", help="Craft the attacks on these models (comma-separated) and score them on --model "
+              "(transfer); one row ATTACK@SURROGATE each. With --attack transfer: every transfer attack from "
+              "every surrogate, plus their worst case (row `transfer`).")
+@click.option("--surrogate-checkpoint", help="Checkpoints of the surrogates, comma-separated in the same order "
+              "(an empty entry for none); without --surrogate, the names come from the checkpoints' sidecars.")
 @click.option("--prompt", help="A visual prompt from `robustkit train prompt` (.safetensors) around the "
               "model; without --model, the backbone it was trained on.")
 @click.option("--config", type=click.Path(dir_okay=False, exists=True), help="Read the evaluation from a YAML file.")
@@ -186,6 +190,8 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
       robustkit eval ... --attack autoattack:apgd-ce,square --attack-kwargs square.n_queries=1000
       robustkit eval ... --attack autoattack --backend autoattack     # pyautoattack, to compare
       robustkit eval ... --attack PGD --backend torchattacks --attack-kwargs steps=10,alpha=0.01
+      robustkit eval --model digits-cnn --checkpoint runs/pubdef/model.safetensors --attack transfer \\
+          --surrogate digits-cnn,digits-cnn --surrogate-checkpoint runs/s1/model.safetensors,runs/s2/model.safetensors
       robustkit eval --config eval.yaml
       torchrun --nproc-per-node 4 -m robustkit eval --config eval.yaml   # sharded
     """

@@ -4,6 +4,12 @@ This is what ``robustkit eval`` runs; a notebook user can call :func:`run_grid` 
 One *cell* is one model at one eps with all attacks: it writes one leaderboard row per attack,
 plus a ``worst-case`` row when there are several attacks, per-sample records and, on request,
 the adversarial examples. Cells resume from their per-batch store after an interruption.
+
+Transfer threat model (PubDef, Sitawarin et al. 2023): with ``surrogate=[a, b, ...]`` every attack
+is crafted on every surrogate and scored on the evaluated model, one row ``ATTACK@SURROGATE``
+each; the attack name ``transfer`` stands for the engine's transfer attacks
+(:data:`~robustkit.attacks.transfer.TRANSFER_SUITE`: PGD, MI-, DI-, TI-, MDTI-FGSM) and adds the
+row ``transfer``: the per-sample worst case over those sources × attacks.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from .records import save_adversarial, write_records
 from .threat import ThreatModel, parse_eps
 
 WORST_CASE = "worst-case"
+TRANSFER = "transfer"  # --attack transfer: every transfer attack from every surrogate, and their worst case
 SCORE_BASED = ("square",)  # attacks that use only model outputs (for the gradient-masking check)
 
 
@@ -78,8 +85,8 @@ class EvalSpec:
     diagnose: bool | None = None  # None: on when the attacks include an AutoAttack
     records_dir: str | None = None
     save_adv: str | None = None
-    surrogate: str | None = None  # craft on this model, score on each evaluated model (transfer)
-    surrogate_checkpoint: str | None = None
+    surrogate: list[str] = field(default_factory=list)  # craft on these models, score on each evaluated model
+    surrogate_checkpoint: list[str | None] = field(default_factory=list)  # one per surrogate ("" = none)
     prompt: str | None = None  # a trained visual prompt (robustkit train prompt) around every model
 
     def __post_init__(self) -> None:
@@ -95,6 +102,7 @@ class EvalSpec:
         if not self.model:
             self.model = [_model_from_sidecar(c) for c in self.checkpoint] or ["digits-cnn"]
         self._robustbench_defaults()
+        self._surrogate_defaults()
         if not self.attack or not self.eps:
             raise UsageError("An evaluation needs at least one attack and one eps.")
         if self.checkpoint and len(self.checkpoint) not in (1, len(self.model)):
@@ -118,6 +126,27 @@ class EvalSpec:
         if not self.eps:
             zoo_eps = rb.benchmark_eps(refs[0].dataset if refs else self.dataset.lower(), self.norm)
             self.eps = [zoo_eps if zoo_eps is not None and (refs or self.threat_model) else 0.1]
+
+    def _surrogate_defaults(self) -> None:
+        """Surrogates and their checkpoints as matching lists (names from the checkpoints' sidecars
+        when left out); ``transfer`` needs at least one surrogate."""
+        self.surrogate = _split(self.surrogate)
+        ckpts = self.surrogate_checkpoint
+        if isinstance(ckpts, str):  # keep empty places: "a.safetensors,,c.safetensors"
+            ckpts = ckpts.split(",") if ckpts.strip() else []
+        self.surrogate_checkpoint = [str(c).strip() or None if c is not None else None for c in ckpts or []]
+        if self.surrogate_checkpoint and not self.surrogate:
+            self.surrogate = [surrogate_from_sidecar(c) for c in self.surrogate_checkpoint]
+        if self.surrogate_checkpoint and len(self.surrogate_checkpoint) != len(self.surrogate):
+            raise UsageError(f"Give one --surrogate-checkpoint per surrogate, in the same order (an empty entry "
+                             f"for none): {len(self.surrogate)} surrogate(s), {len(self.surrogate_checkpoint)} "
+                             f"checkpoint(s).")
+        if any(a.strip().lower() == TRANSFER for a in self.attack) and not self.surrogate:
+            raise UsageError("--attack transfer crafts on public (surrogate) models; name them with "
+                             "--surrogate NAME[,NAME...].")
+
+    def surrogate_checkpoint_of(self, i: int) -> str | None:
+        return self.surrogate_checkpoint[i] if self.surrogate_checkpoint else None
 
     def checkpoint_of(self, i: int) -> str | None:
         if not self.checkpoint:
@@ -183,30 +212,53 @@ class Grid:
         self.dataset: Dataset = load_dataset(spec.dataset, data_dir=spec.data_dir, split=spec.split,
                                              n_examples=spec.n_examples, download=spec.download)
         self.device = resolve_device(dist.local_device(spec.device))
-        self.surrogate = None
-        if spec.surrogate:
-            self.surrogate = load_model(spec.surrogate, spec.surrogate_checkpoint).to(self.device).eval()
+        self.surrogates: list[tuple[str, torch.nn.Module, str]] = [
+            (label, load_surrogate(name, ckpt).to(self.device).eval(), sha)
+            for name, ckpt, label, sha in _surrogate_labels(spec)]
+        self._suite: set[str] = set()  # names of the cells that the `transfer` row covers
 
     def attacks(self, threat: ThreatModel) -> list[tuple[str, Attack]]:
-        names = [canonical_attack(with_backend(a, self.spec.backend)) for a in self.spec.attack]
+        """The cells' attacks: each attack, or with surrogates each attack from each surrogate
+        (``ATTACK@SURROGATE``, surrogates outer); ``transfer`` expands to the transfer suite."""
+        from .attacks.transfer import TRANSFER_SUITE
+
+        names: list[str] = []
+        suite: set[str] = set()
+        for a in self.spec.attack:
+            expanded = list(TRANSFER_SUITE) if a.strip().lower() == TRANSFER else [with_backend(a, self.spec.backend)]
+            for n in map(canonical_attack, expanded):
+                if n not in names:
+                    names.append(n)
+                if a.strip().lower() == TRANSFER:
+                    suite.add(n)
         attacks = [(n, build_attack(n, threat, seed=self.spec.seed, **options_for(n, self.spec.attack_kwargs)))
                    for n in names]
-        if getattr(self, "surrogate", None) is None:
+        surrogates = getattr(self, "surrogates", [])
+        if not surrogates:
             return attacks
         from .attacks import Transferred
 
-        label = self.spec.surrogate
-        return [(f"{n}@{label}", Transferred(a, self.surrogate, label)) for n, a in attacks]
+        self._suite = {f"{n}@{label}" for label, _, _ in surrogates for n in suite}
+        return [(f"{n}@{label}", Transferred(a, model, label, sha))
+                for label, model, sha in surrogates for n, a in attacks]
 
     def _rows(self, model: str, sha: str, threat: ThreatModel, attacks: list[tuple[str, Attack]],
               result: EvalResult | None, extra: dict[str, Any]) -> list[ResultRow]:
         nan = float("nan")
         cells = [(n, a.config(), result.robust_acc(n) if result else nan,
                   (result.seconds["clean"] + result.seconds[n]) if result else 0.0) for n, a in attacks]
-        if len(attacks) > 1:
-            config = {"attacks": [n for n, _ in attacks], "configs": {n: a.config() for n, a in attacks}}
-            cells.append((WORST_CASE, config, result.robust_acc() if result else nan,
-                          sum(result.seconds.values()) if result else 0.0))
+
+        def worst(name: str, chosen: list[tuple[str, Attack]]) -> None:
+            config = {"attacks": [n for n, _ in chosen], "configs": {n: a.config() for n, a in chosen}}
+            robust = float(worst_case(result, [n for n, _ in chosen]).mean()) if result else nan
+            seconds = (result.seconds["clean"] + sum(result.seconds[n] for n, _ in chosen)) if result else 0.0
+            cells.append((name, config, robust, seconds))
+
+        suite = [(n, a) for n, a in attacks if n in self._suite]
+        if suite:
+            worst(TRANSFER, suite)
+        if len(attacks) > 1 and len(suite) < len(attacks):
+            worst(WORST_CASE, attacks)
         return [ResultRow(
             model=model, checkpoint_sha256=sha, defense=self.defense, dataset=self.dataset.name,
             n_examples=len(self.dataset),
@@ -265,7 +317,8 @@ class Grid:
     def _diagnosing(self) -> bool:
         if self.spec.diagnose is not None:
             return self.spec.diagnose
-        return any(canonical_attack(a).partition(":")[0] in ("autoattack", "pyautoattack") for a in self.spec.attack)
+        return any(canonical_attack(a).partition(":")[0] in ("autoattack", "pyautoattack")
+                   for a in self.spec.attack if a.strip().lower() != TRANSFER)
 
     def _diagnose(self, model: torch.nn.Module, attacks: list[tuple[str, Attack]], threat: ThreatModel,
                   result: EvalResult) -> list[str]:
@@ -295,6 +348,61 @@ class Grid:
                     cells[-1].warnings += diag.non_monotone_in_eps(curve, f"{self.spec.model[i]} / {name}")
             reports += cells
         return reports
+
+
+def worst_case(result: EvalResult, attacks: Sequence[str]) -> Any:
+    """Per-sample robustness under all of ``attacks`` at once: clean-correct and broken by none."""
+    robust = result.clean_correct.copy()
+    for name in attacks:
+        robust &= ~result.broken(name)
+    return robust
+
+
+def surrogate_from_sidecar(checkpoint: str | None) -> str:
+    """The model name a surrogate checkpoint's training sidecar records (so --surrogate can be left out)."""
+    from .train import read_sidecar, sidecar_model_name
+
+    side = read_sidecar(checkpoint) if checkpoint else None
+    if side is None:
+        raise UsageError(f"Name the surrogate of {checkpoint or 'an empty --surrogate-checkpoint entry'} with "
+                         "--surrogate (its checkpoint has no robustkit training sidecar).")
+    return sidecar_model_name(side)
+
+
+def surrogate_labels(names: Sequence[str], checkpoints: Sequence[str | None] = ()) -> list[tuple[str, str]]:
+    """``(label, sha256)`` per surrogate: the label names its rows (``pgd@LABEL``) and is the model
+    name, or ``NAME#SHA8`` (its checkpoint's sha256) when two surrogates share a name; the same
+    weights given twice are an error."""
+    ckpts = list(checkpoints) or [None] * len(names)
+    shas = [_checkpoint_sha(n, c) for n, c in zip(names, ckpts, strict=True)]
+    out = []
+    for i, name in enumerate(names):
+        twins = [j for j, other in enumerate(names) if other == name]
+        if any(shas[j] == shas[i] for j in twins if j != i):
+            raise UsageError(f"The surrogate {name} is given twice with the same weights.")
+        out.append((name if len(twins) == 1 else f"{name}#{shas[i][:8]}", shas[i]))
+    return out
+
+
+def _surrogate_labels(spec: EvalSpec) -> list[tuple[str, str | None, str, str]]:
+    """``(name, checkpoint, label, sha256)`` per surrogate of ``spec``."""
+    labels = surrogate_labels(spec.surrogate, spec.surrogate_checkpoint)
+    return [(name, spec.surrogate_checkpoint_of(i), label, sha)
+            for i, (name, (label, sha)) in enumerate(zip(spec.surrogate, labels, strict=True))]
+
+
+def load_surrogate(name: str, checkpoint: str | None = None) -> torch.nn.Module:
+    """A surrogate: a ``robustkit train`` checkpoint brings its own normalization (sidecar)."""
+    from .errors import UnknownNameError
+    from .train import load_trained_model, read_sidecar, sidecar_model_name
+
+    side = read_sidecar(checkpoint) if checkpoint else None
+    if side is not None and name in (side.get("model"), sidecar_model_name(side)):
+        return load_trained_model(checkpoint)
+    try:
+        return load_model(name, checkpoint)
+    except UnknownNameError as e:
+        raise UsageError(f"--surrogate: {e}") from None
 
 
 def _model_from_sidecar(checkpoint: str | None) -> str:
@@ -376,4 +484,5 @@ def dump_json(reports: Sequence[CellReport]) -> str:
     return json.dumps(summary(reports), indent=2, default=str)
 
 
-__all__ = ["CellReport", "EvalSpec", "Grid", "ProgressFn", "dump_json", "parse_kwargs", "run_grid", "summary"]
+__all__ = ["TRANSFER", "WORST_CASE", "CellReport", "EvalSpec", "Grid", "ProgressFn", "dump_json", "load_surrogate",
+           "parse_kwargs", "run_grid", "summary", "surrogate_from_sidecar", "surrogate_labels", "worst_case"]

@@ -234,6 +234,11 @@ class AdvProp(_DualBNStrategy):
     default_steps = 5
     eval_mode_attack = True
 
+    def passes_per_image(self) -> float:
+        """Passes per training image relative to standard training: the clean one, ``steps``
+        attack passes and the adversarial one (the reference's ``attack_iter + 2``)."""
+        return float(self.steps + 2)
+
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         start = self.threat.random_init(x, generator)
         with auxiliary_bn(model):
@@ -298,6 +303,11 @@ class FastAdvProp(_DualBNStrategy):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "adv_fraction": self.adv_fraction, "loss_weights": list(self.loss_weights),
                 "random_start_prob": self.random_start_prob, "sync_bn_grads": self.sync_bn_grads}
+
+    def passes_per_image(self) -> float:
+        """Forward/backward passes per training image relative to standard training: the clean
+        share once, the adversarial share ``steps`` attack passes plus its training pass (1.2)."""
+        return 1 - self.adv_fraction + self.adv_fraction * (self.steps + 1)
 
     def split(self, n: int) -> int:
         """How many of a batch of ``n`` are made adversarial (the last ones); at least one stays clean."""

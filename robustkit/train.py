@@ -11,8 +11,10 @@ Files written under ``config.out``::
     config.yaml                      the resolved configuration (``--config`` reads it back)
     metrics.csv, metrics.json        one row per epoch (+ every CO check in the JSON)
     checkpoint/state.json            progress, detector state, history; points at the latest
-    checkpoint/epoch-NNNN/           model.safetensors, optimizer.pt (weights_only), ema.safetensors
+    checkpoint/epoch-NNNN/           model.safetensors, optimizer.pt (weights_only), ema.safetensors,
+                                     aux.safetensors (a strategy's extra trained modules)
     model.safetensors, model.json    final network weights and their sidecar
+    projection.safetensors           the extra modules, named by the strategy (distillation's projections)
 
 Determinism: the global RNG, the data order and the attacks' generator are re-seeded from
 ``(seed, epoch)`` at every epoch start and the learning rate is a pure function of progress, so a
@@ -100,7 +102,9 @@ class TrainConfig:
     (``val_size=0`` turns both off). ``eps_warmup_epochs`` ramps the training eps linearly from
     0 (the held-out metrics always use the full eps). ``co_every`` adds a CO check every N steps (0: at epoch ends
     only). ``ema`` is the decay of an exponential moving average of the weights; when set, the
-    final weights are the EMA ones.
+    final weights are the EMA ones. ``mix`` (mixup, cutmix or sdmp; :mod:`robustkit.mixing`)
+    mixes every training batch before the method makes it adversarial and trains on soft labels;
+    ``mix_alpha`` is the Beta(alpha, alpha) of mixup and CutMix.
     """
 
     method: str = "pgd-at"
@@ -132,6 +136,7 @@ class TrainConfig:
     ema: float | None = None
     autocast: str | None = None
     channels_last: bool = False
+    same_budget: bool = False
     attack_steps: int | None = None
     attack_step_size: float | None = None
     beta: float | None = None
@@ -142,6 +147,8 @@ class TrainConfig:
     activation: str = "silu"
     reg_lambda: float = 0.1
     reg_p: float = 2.0
+    mix: str | None = None
+    mix_alpha: float = 1.0
     co_every: int = 0
     on_co: str = "continue"
     co_ratio: float = 1 / 3
@@ -169,8 +176,12 @@ class TrainConfig:
         """Raise a one-line UsageError for any value out of range (names are checked too)."""
         from robustkit.defenses.adversarial_training import build_strategy
 
+        from .mixing import make_mixer
+
         self.threat()
         build_strategy(self.method, self.threat(), **self.strategy_options())
+        mixer = make_mixer(self.mix, 2, self.mix_alpha)
+        self.mix = mixer.name if mixer else None
         for name, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
                                  ("--val-size", self.val_size, 0), ("--co-every", self.co_every, 0),
                                  ("--co-patience", self.co_patience, 1)):
@@ -220,6 +231,12 @@ class TrainConfig:
             "steps": self.attack_steps, "step_size": self.attack_step_size, "beta": self.beta,
             "tricks": self.trick_options(), "seed": self.seed,
         }  # fmt: skip
+
+    def make_strategy(self) -> Any:
+        """The training strategy the loop calls (subclasses such as distillation wrap it)."""
+        from robustkit.defenses.adversarial_training import build_strategy
+
+        return build_strategy(self.method, self.threat(), **self.strategy_options())
 
     def resolved_schedule(self) -> str:
         from robustkit.defenses.adversarial_training import build_strategy
@@ -306,6 +323,8 @@ class TrainResult:
     sidecar: Path | None = None
     architecture: list[dict[str, Any]] = field(default_factory=list)
     eval_report: Any = None
+    aux: nn.Module | None = None
+    aux_weights: Path | None = None
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -433,7 +452,7 @@ class _Checkpoints:
 
     def save(
         self, epoch: int, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-        ema: EMA | None, healthy: dict[str, Any] | None,
+        ema: EMA | None, healthy: dict[str, Any] | None, aux: nn.Module | None = None,
     ) -> None:  # fmt: skip
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"epoch-{epoch:04d}"
@@ -448,11 +467,15 @@ class _Checkpoints:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if ema is not None:
             _save_safetensors(ema.state_dict(), tmp / "ema.safetensors")
+        if aux is not None:
+            _save_safetensors(aux.state_dict(), tmp / "aux.safetensors")
         if healthy is not None:
             _save_safetensors(healthy["model"], tmp / "healthy.safetensors")
             torch.save(healthy["optimizer"], tmp / "healthy_optimizer.pt")
             if healthy.get("ema") is not None:
                 _save_safetensors(healthy["ema"], tmp / "healthy_ema.safetensors")
+            if healthy.get("aux") is not None:
+                _save_safetensors(healthy["aux"], tmp / "healthy_aux.safetensors")
         os.replace(tmp, folder)
         _write_text(self.state_path, json.dumps({**state, "dir": name}, indent=1))
         for old in self.root.iterdir():
@@ -461,6 +484,7 @@ class _Checkpoints:
 
     def load(
         self, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None,
+        aux: nn.Module | None = None,
     ) -> dict[str, Any] | None:  # fmt: skip
         """Load weights, optimizer and EMA into place; return the healthy snapshot, if saved."""
         folder = self.root / state["dir"]
@@ -469,6 +493,10 @@ class _Checkpoints:
         except RuntimeError as e:
             first = str(e).splitlines()[0]
             raise CheckpointError(f"The checkpoint in {folder} does not fit this model ({first}).") from None
+        if aux is not None:
+            if not (folder / "aux.safetensors").is_file():
+                raise CheckpointError(f"{folder} has no aux.safetensors (the strategy's extra modules).")
+            aux.load_state_dict(load_state_dict(folder / "aux.safetensors"))
         optimizer.load_state_dict(_torch_load(folder / "optimizer.pt"))
         if ema is not None:
             if not (folder / "ema.safetensors").is_file():
@@ -480,6 +508,9 @@ class _Checkpoints:
                 "optimizer": _torch_load(folder / "healthy_optimizer.pt"),
                 "ema": load_state_dict(folder / "healthy_ema.safetensors")
                 if (folder / "healthy_ema.safetensors").is_file()
+                else None,
+                "aux": load_state_dict(folder / "healthy_aux.safetensors")
+                if (folder / "healthy_aux.safetensors").is_file()
                 else None,
                 "best_pgd": state.get("healthy_best_pgd", 0.0),
             }
@@ -599,7 +630,7 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
     ``model`` replaces building from ``config.model`` (e.g. a ZooModel from ``load_model``).
     ``progress(event)`` receives :class:`TrainEvent` objects (steps, checks, epochs).
     """
-    from robustkit.defenses.adversarial_training import build_strategy
+    from .mixing import make_mixer
 
     config.validate()
     emit = progress or (lambda _e: None)
@@ -607,7 +638,9 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
     if config.autocast == "fp16" and device.type != "cuda":
         raise UsageError("fp16 autocast needs a CUDA device; use --autocast bf16 on the CPU.")
     threat = config.threat()
-    strategy = build_strategy(config.method, threat, **config.strategy_options())
+    strategy = config.make_strategy()
+    if config.same_budget:
+        config = _same_budget(config, strategy)
     schedule = config.schedule or strategy.default_schedule
 
     out = Path(config.out).expanduser() if config.out else None
@@ -642,8 +675,18 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
     if config.channels_last:
         zoo.to(memory_format=torch.channels_last)
     zoo.train()
-    optimizer = make_optimizer(config.optimizer, zoo, lr=config.lr, momentum=config.momentum,
+    # extra trained modules a strategy owns (distillation's projections): optimized with the model
+    aux: nn.Module | None = getattr(strategy, "aux", None)
+    trained: nn.Module = zoo
+    if aux is not None:
+        aux.to(device).train()
+        trained = nn.ModuleList([zoo, aux])
+    optimizer = make_optimizer(config.optimizer, trained, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay, nesterov=config.nesterov)
+    mixer = make_mixer(config.mix, data.num_classes, config.mix_alpha)
+    soft_ok = mixer is None or _takes_soft_targets(strategy)
+    if not soft_ok:
+        log.warning("%s trains on hard labels; with --mix it gets each mixed image's dominant label.", strategy.name)
     ema = EMA(zoo, config.ema) if config.ema else None
     detector = None
     if val is not None:
@@ -657,7 +700,7 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
     history: list[dict[str, Any]] = []
     healthy: dict[str, Any] | None = None
     if saved is not None and ckpts is not None:
-        healthy = ckpts.load(saved, zoo, optimizer, ema)
+        healthy = ckpts.load(saved, zoo, optimizer, ema, aux)
         start_epoch = int(saved["epoch"])
         global_step = int(saved["global_step"])
         lr_scale = float(saved.get("lr_scale", 1.0))
@@ -685,6 +728,7 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
             "model": _cpu_state(zoo.state_dict()),
             "optimizer": _clone_optimizer_state(optimizer.state_dict()),
             "ema": _cpu_state(ema.state_dict()) if ema else None,
+            "aux": _cpu_state(aux.state_dict()) if aux is not None else None,
             "best_pgd": best,
         }
 
@@ -705,6 +749,8 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
                 log.warning("No rollback left (%d done); stopping.", rollbacks)
                 return "stop"
             zoo.load_state_dict({k: v.to(device) for k, v in healthy["model"].items()})
+            if aux is not None and healthy.get("aux") is not None:
+                aux.load_state_dict({k: v.to(device) for k, v in healthy["aux"].items()})
             optimizer.load_state_dict(_clone_optimizer_state(healthy["optimizer"]))
             if ema is not None and healthy.get("ema") is not None:
                 ema.load_state_dict(healthy["ema"])
@@ -724,7 +770,10 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
         torch.manual_seed(seed)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         attack_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        mix_gen = torch.Generator().manual_seed(seed + 2)
         zoo.train()
+        if aux is not None:
+            aux.train()
         t_start = time.perf_counter()
         check_seconds = 0.0
         loss_sum, correct, seen = 0.0, 0, 0
@@ -734,6 +783,12 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
             x = data.x[idx].to(device, non_blocking=True)
             y = data.y[idx].to(device, non_blocking=True)
+            target: torch.Tensor = y
+            if mixer is not None:
+                x, target = mixer(x, y, mix_gen)
+                y = target.argmax(1)  # the dominant label: train accuracy (and hard-label methods)
+                if not soft_ok:
+                    target = y
             if config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             progress_epochs = epoch + b / steps_per_epoch
@@ -747,7 +802,7 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
                 ramp = min(1.0, (progress_epochs + 1 / steps_per_epoch) / config.eps_warmup_epochs)
                 strategy.set_eps(config.eps * ramp)
             with autocast_ctx():
-                result = strategy.step(zoo, x, y, attack_gen)
+                result = strategy.step(zoo, x, target, attack_gen)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(result.loss).backward()
@@ -755,7 +810,7 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
             else:
                 result.loss.backward()
             if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(zoo.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trained.parameters(), config.grad_clip)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -814,7 +869,7 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
                 "detector": detector.state_dict() if detector else {},
                 "healthy_best_pgd": healthy["best_pgd"] if healthy else None,
             }  # fmt: skip
-            ckpts.save(epoch + 1, state, zoo, optimizer, ema, healthy if config.on_co == "rollback" else None)
+            ckpts.save(epoch + 1, state, zoo, optimizer, ema, healthy if config.on_co == "rollback" else None, aux)
             _write_metrics(out, history, detector.history if detector else [], _metrics_extra(detector, stopped))
 
     if ema is not None:
@@ -823,7 +878,7 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
     checks = detector.history if detector else []
     result = TrainResult(
         config=config, model=zoo, history=history, checks=checks, co_detected=any(c.flagged for c in checks),
-        stopped_early=stopped, architecture=architecture,
+        stopped_early=stopped, architecture=architecture, aux=aux.eval() if aux is not None else None,
     )  # fmt: skip
     if out is not None:
         _write_metrics(out, history, checks, _metrics_extra(detector, stopped))
@@ -834,6 +889,31 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
     emit(TrainEvent("end", len(history), config.epochs, steps_per_epoch, steps_per_epoch,
                     info={"co_detected": result.co_detected, "stopped_early": stopped}))
     return result
+
+
+#: Methods whose losses are cross-entropies in the label, so mixed (soft) targets go in as they are.
+SOFT_TARGET_METHODS = frozenset({"standard", "pgd-at", "fgsm-at", "fgsm-rs", "trades"})
+
+
+def _takes_soft_targets(strategy: Any) -> bool:
+    """Whether ``strategy.step`` accepts N×K soft targets (its ``soft_targets`` flag, else by name)."""
+    flag = getattr(strategy, "soft_targets", None)
+    if flag is not None:
+        return bool(flag)
+    return getattr(strategy, "name", "") in SOFT_TARGET_METHODS
+
+
+def _same_budget(config: TrainConfig, strategy: Any) -> TrainConfig:
+    """``--same-budget``: the run shortened to the image passes of standard training, as the
+    Fast AdvProp reference's ``exact_same_training_budget`` (epochs ÷ passes per image, rounded).
+    The returned config is the run as it happens (``same_budget`` off), so a saved config reruns it."""
+    passes = getattr(strategy, "passes_per_image", None)
+    if passes is None:
+        raise UsageError(f"--same-budget needs a method that states its cost per image (advprop, fast-advprop), "
+                         f"not {config.method}.")
+    epochs = max(1, round(config.epochs / passes()))
+    log.info("--same-budget: %.3g passes per image, %d epochs -> %d.", passes(), config.epochs, epochs)
+    return dataclasses.replace(config, epochs=epochs, same_budget=False)
 
 
 def _metrics_extra(detector: CODetector | None, stopped: bool) -> dict[str, Any]:
@@ -899,6 +979,12 @@ def _save_final(
         "epochs_trained": len(history),
         "final_metrics": history[-1] if history else {},
     }
+    if result.aux is not None:  # a strategy's extra trained modules (distillation's projections)
+        name = str(getattr(strategy, "aux_name", "aux"))
+        aux_path = out / f"{name}.safetensors"
+        _save_safetensors(result.aux.state_dict(), aux_path, metadata={"format": SIDECAR_FORMAT, "aux": name})
+        side["aux"] = {"file": aux_path.name, "sha256": file_sha256(aux_path)}
+        result.aux_weights = aux_path
     path = sidecar_path(weights)
     _write_text(path, json.dumps(side, indent=1, default=str))
     return weights, path

@@ -57,6 +57,8 @@ _VALUE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--activation", "activation", str, "Smooth-act trick activation: silu (default, ours), softplus, gelu, elu."),
     ("--reg-lambda", "reg_lambda", float, "Weight-reg trick strength (default 0.1, ours)."),
     ("--reg-p", "reg_p", float, "Weight-reg trick exponent: lambda * sum |w|^p (default 2, ours)."),
+    ("--mix", "mix", str, "Mix every training batch, soft labels: mixup, cutmix or sdmp (default none)."),
+    ("--mix-alpha", "mix_alpha", float, "Beta(alpha, alpha) of mixup and cutmix (default 1, both papers')."),
     ("--on-co", "on_co", str, "On catastrophic overfitting: continue (default), stop or rollback."),
     ("--co-every", "co_every", int, "Also check for CO every N steps (default 0: at epoch ends only)."),
     ("--co-patience", "co_patience", int, "Consecutive suspect checks that flag CO (default 2)."),
@@ -81,7 +83,10 @@ _DAT_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--dist-timeout", "dist_timeout", float, "dat: seconds to wait for the other workers before giving up (600)."),
 ]
 _FLAG_OPTIONS = [("--resume", "resume", "Continue the run in --out from its last epoch checkpoint."),
-                 ("--channels-last", "channels_last", "Use the channels_last memory format.")]
+                 ("--channels-last", "channels_last", "Use the channels_last memory format."),
+                 ("--same-budget", "same_budget", "advprop, fast-advprop: divide --epochs by the method's passes per "
+                  "image (fast-advprop 1.2), so the run costs what standard training costs (the reference's "
+                  "exact_same_training_budget).")]
 
 
 def _add_options(fn: Any) -> Any:
@@ -194,6 +199,8 @@ def _train(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval
         model = re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(values.get("model", "digits-cnn")))
         values["out"] = f"runs/{values['method']}-{model}"
     config = cls.from_dict(values)
+    if dat and config.mix:
+        raise UsageError("--mix is not supported by dat and dat-fgsm; use it with the other training methods.")
     if dump_config:
         click.echo(config.to_yaml(), nl=False)
         return
@@ -289,7 +296,8 @@ def _run(config: Any, quiet: bool, *, runner: Any, show: bool = True) -> None:
         err.print(Text("Catastrophic overfitting was detected (see metrics.json)."
                        + (" Training stopped early." if result.stopped_early else ""), style="yellow"))
     if result.weights is not None:
-        err.print(Text(f"Weights: {result.weights} (sidecar {result.sidecar.name if result.sidecar else '-'}); "
+        extra = f", {result.aux_weights.name}" if getattr(result, "aux_weights", None) is not None else ""
+        err.print(Text(f"Weights: {result.weights} (sidecar {result.sidecar.name if result.sidecar else '-'}{extra}); "
                        f"metrics: {result.weights.parent / 'metrics.csv'}."))
     for report in result.eval_report or []:
         _print_eval(report, out)

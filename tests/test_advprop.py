@@ -217,6 +217,28 @@ def test_fast_advprop_costs_fewer_passes_than_advprop() -> None:
     assert fast.forward <= 1.25 * std.forward and fast.forward * 5 < adv.forward
 
 
+def test_stated_cost_per_image_matches_the_counted_passes() -> None:
+    threat = ThreatModel("linf", 4 / 255)
+    for method in ("advprop", "fast-advprop"):
+        counter, _ = one_step(method)
+        stated = build_strategy(method, threat).passes_per_image()
+        assert stated == pytest.approx(counter.forward / 64, rel=0.02), method  # 13 of 64 is 0.203, not 0.2
+
+
+def test_same_budget_shortens_the_run_by_the_passes_per_image(tmp_path: Path) -> None:
+    config = TrainConfig(method="fast-advprop", model="resnet20", normalize="none", dataset="digits", n_examples=64,
+                         epochs=6, batch_size=64, val_size=0, eps=4 / 255, device="cpu", same_budget=True,
+                         out=str(tmp_path / "run"))
+    result = train(config)
+    assert len(result.history) == 5  # round(6 / 1.2)
+    saved = read_sidecar(result.weights)
+    recipe = saved["recipe"]["config"] if saved else {}
+    assert recipe["epochs"] == 5 and not recipe["same_budget"]
+    with pytest.raises(UsageError, match="same-budget"):
+        train(TrainConfig(method="pgd-at", dataset="digits", n_examples=64, epochs=1, same_budget=True,
+                          device="cpu"))
+
+
 def test_fast_advprop_gradient_equals_the_reference_recipe() -> None:
     """The loop's single backward of the returned loss gives the reference's weight update:
     (1 * sum CE_clean + 0.5 * sum CE_noisy + 0.5 * sum CE_adv) / 64 for shared weights, the clean

@@ -116,6 +116,13 @@ def _run(config: Any, quiet: bool, runner: Any) -> None:
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prompt": ("robustkit.prompt_cli:train_prompt_cmd",
                "train an EVP prompt for a frozen backbone (--model M --checkpoint W --dataset D)"),
+    "rift": ("robustkit.rift_cli:train_rift_cmd",
+             "RiFT: fine-tune the least robust-critical module of an AT model (--model M --checkpoint W)"),
+    "pubdef": ("robustkit.pubdef_cli:train_pubdef_cmd",
+               "PubDef: train on transfer attacks from public models (--surrogate A,B [--surrogate-checkpoint ...])"),
+    "distill": ("robustkit.distill_cli:train_distill_cmd",
+                "distill a teacher into a student: KD + feature matching, --method pgd-at for robust KD "
+                "(--teacher T --student S)"),
 }
 
 

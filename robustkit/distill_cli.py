@@ -6,14 +6,12 @@ is the student's input mask here, not the FGSM mask trick's) plus the teacher an
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
-from .train_cli import _FLAG_OPTIONS, _VALUE_OPTIONS
+from .train_cli import VALUE_OPTIONS, train_options
 
 _NOT_HERE = {"--model", "--mask-ratio", "--mask-pattern"}
 _DISTILL_OPTIONS: list[tuple[str, str, Any, str]] = [
@@ -36,15 +34,6 @@ _DISTILL_OPTIONS: list[tuple[str, str, Any, str]] = [
 ]
 
 
-def _add_options(fn: Any) -> Any:
-    table = _DISTILL_OPTIONS + [o for o in _VALUE_OPTIONS if o[0] not in _NOT_HERE]
-    for opt, dest, typ, help_text in reversed(table):
-        fn = click.option(opt, dest, type=typ, default=None, help=help_text)(fn)
-    for opt, dest, help_text in reversed(_FLAG_OPTIONS):
-        fn = click.option(opt, dest, is_flag=True, default=False, help=help_text)(fn)
-    return fn
-
-
 @click.command("distill")
 @click.option("--method", help="How the student's input is made: standard (clean; default), pgd-at, trades, "
               "fgsm-rs, ... (robust distillation; the teacher sees the clean image).")
@@ -54,7 +43,7 @@ def _add_options(fn: Any) -> Any:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Read options from this YAML file.")
 @click.option("--dump-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-@_add_options
+@train_options(_DISTILL_OPTIONS + [o for o in VALUE_OPTIONS if o[0] not in _NOT_HERE])
 @click.pass_context
 def train_distill_cmd(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval_attacks: tuple[str, ...],
                       config_file: str | None, dump_config: bool, quiet: bool, **options: Any) -> None:
@@ -75,32 +64,18 @@ def train_distill_cmd(ctx: click.Context, method: str | None, tricks: tuple[str,
     """
     from .distill import DistillConfig
     from .train import train
-    from .train_cli import _run
+    from .train_cli import command_line_values, default_out, run_training
 
     values: dict[str, Any] = {}
     if config_file:
         values.update(DistillConfig.from_yaml(Path(config_file)).to_dict())
     if method is not None:
         values["method"] = method
-    for name, value in options.items():
-        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or (
-            value is not None and not isinstance(value, bool)
-        ):
-            values[name] = value
-    if tricks:
-        values["tricks"] = list(tricks)
-    if eval_attacks:
-        from .attack_spec import split_attacks
-
-        values["eval_attacks"] = [a for item in eval_attacks for a in split_attacks(item) if a.lower() != "none"]
-    if isinstance(values.get("attack_step_size"), str):
-        from .threat import parse_eps
-
-        values["attack_step_size"] = parse_eps(values["attack_step_size"])
+    values.update(command_line_values(ctx, options, tricks, eval_attacks))
     if not values.get("out") and not dump_config:
-        values["out"] = "runs/distill-" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(values.get("model", "digits-cnn")))
+        values["out"] = default_out("distill", values)
     config = DistillConfig.from_dict(values)
     if dump_config:
         click.echo(config.to_yaml(), nl=False)
         return
-    _run(config, quiet, runner=train)
+    run_training(config, quiet, runner=train)

@@ -7,25 +7,16 @@ It takes every option of ``robustkit train`` plus the source pool (``--surrogate
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .train_cli import _FLAG_OPTIONS, _VALUE_OPTIONS
+from .train_cli import VALUE_OPTIONS, train_options
 
 SELECTION_HELP = ("Source selection per batch: random (default; one source drawn uniformly per example, the "
                   "reference's), top1 (the source with the highest loss per example), exp (all sources, weighted "
                   "by their smoothed loss), all (their mean).")
-
-
-def _add_train_options(fn: Any) -> Any:
-    for opt, dest, typ, help_text in reversed(_VALUE_OPTIONS):
-        fn = click.option(opt, dest, type=typ, default=None, help=help_text)(fn)
-    for opt, dest, help_text in reversed(_FLAG_OPTIONS):
-        fn = click.option(opt, dest, is_flag=True, default=None, help=help_text)(fn)
-    return fn
 
 
 @click.command("pubdef")
@@ -44,7 +35,7 @@ def _add_train_options(fn: Any) -> Any:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Read options from this YAML file.")
 @click.option("--dump-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-@_add_train_options
+@train_options(VALUE_OPTIONS)
 def train_pubdef_cmd(tricks: tuple[str, ...], eval_attacks: tuple[str, ...], config_file: str | None,
                      dump_config: bool, quiet: bool, **options: Any) -> None:
     """Train against transfer attacks from public models: PubDef (Sitawarin et al., arXiv 2310.17645).
@@ -65,23 +56,15 @@ def train_pubdef_cmd(tricks: tuple[str, ...], eval_attacks: tuple[str, ...], con
     """
     from robustkit.defenses.pubdef import PubDefConfig, train_pubdef
 
-    from .attack_spec import split_attacks
-    from .threat import parse_eps
-    from .train_cli import _run
+    from .train_cli import command_line_values, default_out, run_training
 
     values: dict[str, Any] = {}
     if config_file:
         values.update(PubDefConfig.from_yaml(Path(config_file)).to_dict())
     values["method"] = "pubdef"
-    values.update({k: v for k, v in options.items() if v is not None})
-    if tricks:
-        values["tricks"] = list(tricks)
-    if eval_attacks:
-        values["eval_attacks"] = [a for item in eval_attacks for a in split_attacks(item) if a.lower() != "none"]
-    if isinstance(values.get("attack_step_size"), str):
-        values["attack_step_size"] = parse_eps(values["attack_step_size"])
+    values.update(command_line_values(click.get_current_context(), options, tricks, eval_attacks))
     if not values.get("out") and not dump_config:
-        values["out"] = "runs/pubdef-" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(values.get("model", "digits-cnn")))
+        values["out"] = default_out("pubdef", values)
     config = PubDefConfig.from_dict(values)
     if dump_config:
         click.echo(config.to_yaml(), nl=False)
@@ -92,7 +75,7 @@ def train_pubdef_cmd(tricks: tuple[str, ...], eval_attacks: tuple[str, ...], con
         kept.append(train_pubdef(cfg, **kwargs))
         return kept[-1]
 
-    _run(config, quiet, runner=runner)
+    run_training(config, quiet, runner=runner)
     if kept and kept[-1].sidecar is not None:
         _print_sources(kept[-1].sidecar)
 

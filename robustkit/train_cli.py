@@ -23,7 +23,7 @@ from click.core import ParameterSource
 from .prompt_cli import TrainCommand  # hands `robustkit train prompt ...` (EVP, own options) to its command
 
 # (option, TrainConfig field, click type, help) for the plain value options.
-_VALUE_OPTIONS: list[tuple[str, str, Any, str]] = [
+VALUE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, "Registered model name, timm:NAME or torchvision:NAME (default digits-cnn)."),
     ("--checkpoint", "checkpoint", str, "Initial weights to start from (.safetensors or weights_only .pt)."),
     ("--normalize", "normalize", str, "default (the model's), none, cifar10, imagenet or m1,m2,m3:s1,s2,s3."),
@@ -82,19 +82,24 @@ _DAT_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--n-unlabeled", "n_unlabeled", int, "dat: use the first N unlabeled images."),
     ("--dist-timeout", "dist_timeout", float, "dat: seconds to wait for the other workers before giving up (600)."),
 ]
-_FLAG_OPTIONS = [("--resume", "resume", "Continue the run in --out from its last epoch checkpoint."),
+FLAG_OPTIONS = [("--resume", "resume", "Continue the run in --out from its last epoch checkpoint."),
                  ("--channels-last", "channels_last", "Use the channels_last memory format."),
                  ("--same-budget", "same_budget", "advprop, fast-advprop: divide --epochs by the method's passes per "
                   "image (fast-advprop 1.2), so the run costs what standard training costs (the reference's "
                   "exact_same_training_budget).")]
 
 
-def _add_options(fn: Any) -> Any:
-    for opt, dest, typ, help_text in reversed(_VALUE_OPTIONS + _DAT_OPTIONS):
-        fn = click.option(opt, dest, type=typ, default=None, help=help_text)(fn)
-    for opt, dest, help_text in reversed(_FLAG_OPTIONS):
-        fn = click.option(opt, dest, is_flag=True, default=False, help=help_text)(fn)
-    return fn
+def train_options(values: list[tuple[str, str, Any, str]]) -> Any:
+    """Decorator: the value options ``values`` (default None: the config's) and the flag options."""
+
+    def add(fn: Any) -> Any:
+        for opt, dest, typ, help_text in reversed(values):
+            fn = click.option(opt, dest, type=typ, default=None, help=help_text)(fn)
+        for opt, dest, help_text in reversed(FLAG_OPTIONS):
+            fn = click.option(opt, dest, is_flag=True, default=False, help=help_text)(fn)
+        return fn
+
+    return add
 
 
 @click.command("train", cls=TrainCommand)
@@ -106,7 +111,7 @@ def _add_options(fn: Any) -> Any:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Read options from this YAML file.")
 @click.option("--dump-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-@_add_options
+@train_options(VALUE_OPTIONS + _DAT_OPTIONS)
 @click.pass_context
 def train_cmd(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval_attacks: tuple[str, ...],
               config_file: str | None, dump_config: bool, quiet: bool, **options: Any) -> None:
@@ -157,6 +162,31 @@ def _yaml_keys(config_file: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def command_line_values(ctx: click.Context, options: dict[str, Any], tricks: tuple[str, ...],
+                        eval_attacks: tuple[str, ...]) -> dict[str, Any]:
+    """The config fields the command line sets (they override --config): options given there or
+    with a non-flag value, tricks, the --eval attack list, and the step size as a number."""
+    values = {name: value for name, value in options.items()
+              if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+              or (value is not None and not isinstance(value, bool))}  # fmt: skip
+    if tricks:
+        values["tricks"] = list(tricks)
+    if eval_attacks:
+        from .attack_spec import split_attacks
+
+        values["eval_attacks"] = [a for item in eval_attacks for a in split_attacks(item) if a.lower() != "none"]
+    if isinstance(values.get("attack_step_size"), str):
+        from .threat import parse_eps
+
+        values["attack_step_size"] = parse_eps(values["attack_step_size"])
+    return values
+
+
+def default_out(prefix: str, values: dict[str, Any]) -> str:
+    """``runs/PREFIX-MODEL``, the output folder when --out is not given."""
+    return f"runs/{prefix}-" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(values.get("model", "digits-cnn")))
+
+
 def _train(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval_attacks: tuple[str, ...],
            config_file: str | None, dump_config: bool, quiet: bool, options: dict[str, Any]) -> None:
     from .dat import DATConfig, is_dat_method, train_dat
@@ -176,28 +206,13 @@ def _train(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval
         if given:
             raise UsageError(f"{given[0]} is an option of `robustkit train dat` (and dat-fgsm), not of "
                              f"{values.get('method', 'this method')}.")
-    for name, value in options.items():
-        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or (
-            value is not None and not isinstance(value, bool)
-        ):
-            values[name] = value
-    if tricks:
-        values["tricks"] = list(tricks)
-    if eval_attacks:
-        from .attack_spec import split_attacks
-
-        values["eval_attacks"] = [a for item in eval_attacks for a in split_attacks(item) if a.lower() != "none"]
-    elif dat and "eval_attacks" not in raw and "eval-attacks" not in raw:
+    values.update(command_line_values(ctx, options, tricks, eval_attacks))
+    if not eval_attacks and dat and "eval_attacks" not in raw and "eval-attacks" not in raw:
         values["eval_attacks"] = ["pgd"]  # DAT ends with a robust-accuracy row in the leaderboard
-    if "attack_step_size" in values and isinstance(values["attack_step_size"], str):
-        from .threat import parse_eps
-
-        values["attack_step_size"] = parse_eps(values["attack_step_size"])
     if "method" not in values:
         raise UsageError("Name a training method (e.g. `robustkit train pgd-at`) or give --config FILE.")
     if not values.get("out") and (dat or not dump_config):  # dat: its default --eval needs --out
-        model = re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(values.get("model", "digits-cnn")))
-        values["out"] = f"runs/{values['method']}-{model}"
+        values["out"] = default_out(values["method"], values)
     config = cls.from_dict(values)
     if dat and config.mix:
         raise UsageError("--mix is not supported by dat and dat-fgsm; use it with the other training methods.")
@@ -208,9 +223,9 @@ def _train(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval
         primary = _rank() == 0
         if primary:
             _show_warnings()
-        _run(config, quiet or not primary, runner=train_dat, show=primary)
+        run_training(config, quiet or not primary, runner=train_dat, show=primary)
     else:
-        _run(config, quiet, runner=train)
+        run_training(config, quiet, runner=train)
 
 
 class _ConsoleWarnings(logging.Handler):
@@ -230,7 +245,7 @@ def _show_warnings() -> None:
         logger.addHandler(_ConsoleWarnings(logging.WARNING))
 
 
-def _run(config: Any, quiet: bool, *, runner: Any, show: bool = True) -> None:
+def run_training(config: Any, quiet: bool, *, runner: Any, show: bool = True) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
     from rich.text import Text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +60,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """A run in which no test passed (none collected, all skipped) is a failure, not a success."""
     if exitstatus == 0 and not _passed:
         session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a shared,
+    busy 2-core machine two threads per process run about 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -35,13 +35,7 @@ from robustkit.registry import DEFENSES
 from robustkit.threat import ThreatModel
 from robustkit.train import TrainConfig, load_trained_model, read_sidecar, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy() -> nn.Module:

@@ -27,13 +27,7 @@ from robustkit.models.starnet import StarBlock, starnet
 from robustkit.registry import MODELS
 from robustkit.train import TrainConfig, build_training_model, load_trained_model, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(module: nn.Module) -> int:

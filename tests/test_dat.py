@@ -47,13 +47,7 @@ from robustkit.optim import LAMB
 from robustkit.threat import ThreatModel
 from robustkit.train import build_training_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(**kw) -> DATConfig:

@@ -27,13 +27,7 @@ from robustkit.errors import CheckpointError, UsageError
 from robustkit.models import ModelInfo, ZooModel, load_model
 from robustkit.train import load_trained_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg(**kw) -> DistillConfig:

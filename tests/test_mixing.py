@@ -16,12 +16,7 @@ from robustkit.train import TrainConfig, train
 METHODS = ["standard", "pgd-at", "trades", "mart", "fgsm-rs", "fgsm-at"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def constant_batch(n: int = 10, size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

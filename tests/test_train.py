@@ -42,12 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["standard", "pgd-at", "trades", "mart", "fgsm-rs", "fgsm-at"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(**kw) -> TrainConfig:

@@ -120,7 +120,7 @@ def check_model_fits(model: nn.Module, dataset: Dataset, device: torch.device) -
     try:
         with torch.no_grad():
             out = model.eval()(dataset.x[:2].to(device))
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError, ValueError) as e:  # timm asserts input sizes
         first = str(e).strip().splitlines()[0][:160]
         raise UsageError(f"The model cannot take {dataset.name} images of shape {shape}: {first}") from None
     out = logits_of(out)

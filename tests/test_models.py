@@ -361,3 +361,19 @@ def test_pyautoattack_model_test_accuracy():
     acc = _accuracy(model, x, y)
     print(f"\npyautoattack examples/model_test.pt as resnet18: clean accuracy {acc:.1f}% (93.7%)")
     assert abs(acc - 93.7) <= 1.0
+
+
+class _FixedSize(nn.Module):
+    """Checks its input size with an assert, as timm's patch embeddings do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[-1] == 224, f"Input width ({x.shape[-1]}) doesn't match model (224)."
+        return x.flatten(1)[:, :10]
+
+
+def test_a_model_that_asserts_its_input_size_is_a_clear_error() -> None:
+    from robustkit.data import load_dataset
+    from robustkit.evaluate import check_model_fits
+
+    with pytest.raises(UsageError, match=r"cannot take digits images of shape \(1, 8, 8\): Input width \(8\)"):
+        check_model_fits(_FixedSize(), load_dataset("digits", n_examples=4), torch.device("cpu"))

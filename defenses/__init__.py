@@ -21,6 +21,7 @@ from .dat import DAT, DATFGSM, UNLABELED
 from .fgsm_tricks import TRICKS, LargeStride, MaskInit, SmoothActivation, TrickOptions, pixel_mask
 from .one_pixel_shortcut import OnePixelShortcut, OPSPattern
 from .pubdef import PubDef, PubDefConfig
+from .rift import RiFT
 
 __all__ = [
     "AAA",
@@ -46,6 +47,7 @@ __all__ = [
     "OnePixelShortcut",
     "PubDef",
     "PubDefConfig",
+    "RiFT",
     "SmoothActivation",
     "Standard",
     "StepOutput",

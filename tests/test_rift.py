@@ -259,3 +259,13 @@ def test_real_cifar_model_criticality_and_selection() -> None:
     assert [r.module for r in rows] == ["0", "2", "5", "7"]
     assert all(r.mrc > 0 for r in rows)
     assert rows[0].base_acc < (model(x).argmax(1) == y).float().mean()  # the examples are adversarial
+
+
+def test_rift_is_a_training_defense_run_by_its_own_command() -> None:
+    from robustkit.defenses import build_strategy, training_methods
+    from robustkit.errors import UsageError
+    from robustkit.threat import ThreatModel
+
+    assert "rift" in training_methods()
+    with pytest.raises(UsageError, match="robustkit train rift"):
+        build_strategy("rift", ThreatModel("linf", 0.1))

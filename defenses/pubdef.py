@@ -140,7 +140,7 @@ class PubDef(TrainingStrategy):
     def surrogate_models(self) -> list[tuple[str, nn.Module, str]]:
         """``(label, model, sha256)`` per surrogate, loaded once, in eval mode, parameters frozen."""
         if self._models is None:
-            from robustkit.experiment import load_surrogate, surrogate_labels
+            from robustkit.surrogates import load_surrogate, surrogate_labels
 
             names = [s if isinstance(s, str) else f"model{i}" for i, s in enumerate(self.surrogates)]
             labels = surrogate_labels(names, self.checkpoints) if all(isinstance(s, str) for s in self.surrogates) \
@@ -298,7 +298,7 @@ class PubDefConfig(TrainConfig):
         self.surrogate_checkpoint = _listify(self.surrogate_checkpoint, keep_empty=True)
         self.transfer_attacks = _listify(self.transfer_attacks)
         if self.surrogate_checkpoint and not self.surrogate:
-            from robustkit.experiment import surrogate_from_sidecar
+            from robustkit.surrogates import surrogate_from_sidecar
 
             self.surrogate = [surrogate_from_sidecar(c) for c in self.surrogate_checkpoint]
         super().__post_init__()

@@ -36,11 +36,12 @@ from .data import Dataset, load_dataset
 from .errors import UsageError
 from .evaluate import BatchStore, EvalResult, ProgressFn, evaluate, merge_results, resolve_device
 from .leaderboard import Leaderboard, ResultRow, canonical_json, eps_str
-from .models import PACKAGED_WEIGHTS, file_sha256, load_model
+from .models import load_model, weights_sha256
 from .models import robustbench as rb
 from .models.checkpoint import check_sha256
-from .models.robustbench_weights import check_normalize, locate_weights, weights_path
+from .models.robustbench_weights import check_normalize, locate_weights
 from .records import save_adversarial, write_records
+from .surrogates import load_surrogate, surrogate_from_sidecar, surrogate_labels
 from .threat import ThreatModel, parse_eps
 
 WORST_CASE = "worst-case"
@@ -272,7 +273,7 @@ class Grid:
         """Evaluate model ``index`` at ``threat``; returns None on ranks other than 0."""
         spec = self.spec
         name, checkpoint = spec.model[index], spec.checkpoint_of(index)
-        sha = _checkpoint_sha(name, checkpoint, spec.model_dir)
+        sha = weights_sha256(name, checkpoint, spec.model_dir)
         attacks = self.attacks(threat)
         planned = self._rows(name, sha, threat, attacks, None, {})
         existing = [self.board.get(r) for r in planned if self.board.exists(r)]
@@ -358,51 +359,11 @@ def worst_case(result: EvalResult, attacks: Sequence[str]) -> Any:
     return robust
 
 
-def surrogate_from_sidecar(checkpoint: str | None) -> str:
-    """The model name a surrogate checkpoint's training sidecar records (so --surrogate can be left out)."""
-    from .train import read_sidecar, sidecar_model_name
-
-    side = read_sidecar(checkpoint) if checkpoint else None
-    if side is None:
-        raise UsageError(f"Name the surrogate of {checkpoint or 'an empty --surrogate-checkpoint entry'} with "
-                         "--surrogate (its checkpoint has no robustkit training sidecar).")
-    return sidecar_model_name(side)
-
-
-def surrogate_labels(names: Sequence[str], checkpoints: Sequence[str | None] = ()) -> list[tuple[str, str]]:
-    """``(label, sha256)`` per surrogate: the label names its rows (``pgd@LABEL``) and is the model
-    name, or ``NAME#SHA8`` (its checkpoint's sha256) when two surrogates share a name; the same
-    weights given twice are an error."""
-    ckpts = list(checkpoints) or [None] * len(names)
-    shas = [_checkpoint_sha(n, c) for n, c in zip(names, ckpts, strict=True)]
-    out = []
-    for i, name in enumerate(names):
-        twins = [j for j, other in enumerate(names) if other == name]
-        if any(shas[j] == shas[i] for j in twins if j != i):
-            raise UsageError(f"The surrogate {name} is given twice with the same weights.")
-        out.append((name if len(twins) == 1 else f"{name}#{shas[i][:8]}", shas[i]))
-    return out
-
-
 def _surrogate_labels(spec: EvalSpec) -> list[tuple[str, str | None, str, str]]:
     """``(name, checkpoint, label, sha256)`` per surrogate of ``spec``."""
     labels = surrogate_labels(spec.surrogate, spec.surrogate_checkpoint)
     return [(name, spec.surrogate_checkpoint_of(i), label, sha)
             for i, (name, (label, sha)) in enumerate(zip(spec.surrogate, labels, strict=True))]
-
-
-def load_surrogate(name: str, checkpoint: str | None = None) -> torch.nn.Module:
-    """A surrogate: a ``robustkit train`` checkpoint brings its own normalization (sidecar)."""
-    from .errors import UnknownNameError
-    from .train import load_trained_model, read_sidecar, sidecar_model_name
-
-    side = read_sidecar(checkpoint) if checkpoint else None
-    if side is not None and name in (side.get("model"), sidecar_model_name(side)):
-        return load_trained_model(checkpoint)
-    try:
-        return load_model(name, checkpoint)
-    except UnknownNameError as e:
-        raise UsageError(f"--surrogate: {e}") from None
 
 
 def _model_from_sidecar(checkpoint: str | None) -> str:
@@ -456,15 +417,6 @@ def wrap_defense(model: torch.nn.Module, name: str | None, kwargs: dict[str, Any
         raise UsageError(f"Bad options for defense {name}: {e}.") from None
 
 
-def _checkpoint_sha(model: str, checkpoint: str | None, model_dir: str | None = None) -> str:
-    if not checkpoint and rb.is_robustbench(model):  # the weights in RobustBench's layout
-        checkpoint = str(weights_path(rb.parse_ref(model), model_dir))
-    if checkpoint:
-        return file_sha256(checkpoint) if Path(checkpoint).is_file() else ""
-    packaged = PACKAGED_WEIGHTS.get(model)
-    return file_sha256(packaged) if packaged and packaged.is_file() else ""
-
-
 def run_grid(spec: EvalSpec, *, db: str | Path | None = None, overwrite: bool = False,
              progress: CellProgress | None = None) -> list[CellReport]:
     """Evaluate every cell of ``spec``; under torchrun only rank 0 gets the reports (others: [])."""
@@ -484,5 +436,5 @@ def dump_json(reports: Sequence[CellReport]) -> str:
     return json.dumps(summary(reports), indent=2, default=str)
 
 
-__all__ = ["TRANSFER", "WORST_CASE", "CellReport", "EvalSpec", "Grid", "ProgressFn", "dump_json", "load_surrogate",
-           "parse_kwargs", "run_grid", "summary", "surrogate_from_sidecar", "surrogate_labels", "worst_case"]
+__all__ = ["TRANSFER", "WORST_CASE", "CellReport", "EvalSpec", "Grid", "ProgressFn", "dump_json", "parse_kwargs",
+           "run_grid", "summary", "worst_case"]

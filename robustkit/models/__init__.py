@@ -14,7 +14,7 @@ from . import (  # noqa: F401  (imported so that they register their architectur
     starnet,
     wide_resnet,
 )
-from .build import PACKAGED_WEIGHTS, build_model, load_model, model_info
+from .build import PACKAGED_WEIGHTS, build_model, load_model, model_info, weights_sha256
 from .checkpoint import apply_state_dict, file_sha256, load_state_dict
 from .external import is_external
 from .normalize import PRESETS, Normalize, parse_normalize
@@ -35,4 +35,5 @@ __all__ = [
     "model_info",
     "parse_normalize",
     "register_model",
+    "weights_sha256",
 ]

@@ -150,3 +150,18 @@ def load_model(
         apply_state_dict(net, load_state_dict(checkpoint, sha256=sha256), name=key)
         source = os.fspath(checkpoint)
     return ZooModel(key, info, net, layer, checkpoint=source).eval()
+
+
+def weights_sha256(model: str, checkpoint: str | None = None, model_dir: str | None = None) -> str:
+    """sha256 of the weights ``model`` is evaluated with: ``checkpoint``, else RobustBench's file in
+    ``model_dir`` or the packaged weights; "" when there is no file (random weights)."""
+    from .checkpoint import file_sha256
+    from .robustbench import parse_ref
+    from .robustbench_weights import weights_path
+
+    if not checkpoint and is_robustbench(model):  # the weights in RobustBench's layout
+        checkpoint = str(weights_path(parse_ref(model), model_dir))
+    if checkpoint:
+        return file_sha256(checkpoint) if Path(checkpoint).is_file() else ""
+    packaged = PACKAGED_WEIGHTS.get(model)
+    return file_sha256(packaged) if packaged and packaged.is_file() else ""

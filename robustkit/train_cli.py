@@ -115,7 +115,8 @@ def train_options(values: list[tuple[str, str, Any, str]]) -> Any:
 @click.pass_context
 def train_cmd(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval_attacks: tuple[str, ...],
               config_file: str | None, dump_config: bool, quiet: bool, **options: Any) -> None:
-    """Train a model with METHOD (standard, pgd-at, trades, mart, fgsm-rs, fgsm-at, dat, dat-fgsm).
+    """Train a model with METHOD (standard, pgd-at, trades, mart, fgsm-rs, fgsm-at, advprop,
+    fast-advprop, dat, dat-fgsm; `robustkit list defenses`), optionally on mixed batches (--mix).
 
     Saves per-epoch checkpoints, metrics (CSV/JSON) and final .safetensors weights with a JSON
     sidecar in --out; flags catastrophic overfitting (PGD accuracy collapsing while FGSM

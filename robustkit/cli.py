@@ -66,6 +66,7 @@ def list_cmd(what: str, source: str, dataset: str | None, threat_model: str | No
       robustkit list models --source robustbench --dataset cifar10 --threat-model Linf
     """
     from .catalog import catalog
+    from .registry import DEFENSES
 
     rows = catalog(what, source=source, dataset=dataset, threat_model=threat_model)
     if source == "robustbench":  # names never cut: they are what --model robustbench:NAME takes
@@ -84,11 +85,13 @@ def list_cmd(what: str, source: str, dataset: str | None, threat_model: str | No
             table.add_row(*cells, Text(description))
         out.print(table)
         return
+    kinds = what == "defenses"  # training, inference, architecture or data: where each one plugs in
     table = Table(title=what, show_lines=False)
-    for col in ("name", "aliases", "description"):
+    for col in ("name", "kind", "aliases", "description") if kinds else ("name", "aliases", "description"):
         table.add_column(col)
     for name, aliases, description in rows:
-        table.add_row(Text(name), Text(", ".join(aliases)), Text(description))
+        kind = [Text(str(getattr(DEFENSES.get(name), "kind", "")))] if kinds else []
+        table.add_row(Text(name), *kind, Text(", ".join(aliases)), Text(description))
     out.print(table)
 
 

@@ -58,6 +58,15 @@ def test_list_other_registries(capsys: pytest.CaptureFixture, what: str, expecte
     assert code == 0 and expected in out
 
 
+def test_list_defenses_shows_each_kind(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run(capsys, "list", "defenses")
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in out.splitlines()
+            if line.startswith("│") and line.split("│")[1].strip()}
+    assert code == 0
+    kinds = (rows["aaa"], rows["pgd-at"], rows["dual-bn"], rows["ops"])
+    assert kinds == ("inference", "training", "architecture", "data")
+
+
 def test_default_eval_writes_a_row_then_reports_it_exists(capsys: pytest.CaptureFixture, db: str) -> None:
     code, out, _ = run(capsys, "eval", "--db", db, "--quiet", "--n-examples", "100")
     assert code == 0

@@ -354,7 +354,7 @@ class DistillStrategy:
 def load_teacher(name: str, checkpoint: str | None, normalize: str | None = "default") -> nn.Module:
     """The teacher: a robustkit-trained checkpoint (its sidecar says how to build it), or ``name``
     with ``checkpoint`` (packaged weights for ``digits-cnn``), in eval mode."""
-    from .models import PACKAGED_WEIGHTS, load_model
+    from .models import PACKAGED_WEIGHTS, is_external, load_model
     from .registry import MODELS
 
     if checkpoint:
@@ -366,6 +366,8 @@ def load_teacher(name: str, checkpoint: str | None, normalize: str | None = "def
 
             return load_trained_model(path).eval()
         return load_model(name, path, normalize=normalize).eval()
+    if name not in MODELS and not is_external(name) and not str(name).startswith("robustbench:"):
+        MODELS.canonical(name)  # an unknown name: the registry's one-line error with a did-you-mean
     key = MODELS.canonical(name) if name in MODELS else name
     if key not in PACKAGED_WEIGHTS and not str(name).startswith("robustbench:"):
         raise UsageError(f"--teacher {name} has no packaged weights; give --teacher-checkpoint "

@@ -300,6 +300,9 @@ class Grid:
             return None
         result = merge_results(gathered)
         warnings = self._diagnose(model, attacks, threat, result) if self._diagnosing() else []
+        if not sha and not spec.prompt:
+            warnings.insert(0, f"{name} has no weights file (no --checkpoint and none packaged): these are the "
+                               f"numbers of a randomly initialized network.")
         records = write_records(result, Path(spec.records_dir or self.home / "records") / run_id)
         extra = {"run_id": run_id, "records": str(records), "warnings": warnings,
                  "wall_seconds": time.perf_counter() - t0, "per_attack": {n: result.robust_acc(n) for n, _ in attacks},

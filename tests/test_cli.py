@@ -15,6 +15,8 @@ from robustkit import __version__
 from robustkit.cli import main
 from robustkit.models import build_model
 
+from conftest import shared_file
+
 
 def run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as exc:
@@ -203,3 +205,14 @@ def test_leaderboard_exports_have_the_same_rows(capsys: pytest.CaptureFixture, d
     assert code == 0 and out.count("<tr") >= 4
     code, out, _ = run(capsys, "leaderboard", "--db", db)
     assert code == 0 and "fgsm" in out and "pgd" in out
+
+
+def test_a_model_without_weights_is_flagged(capsys: pytest.CaptureFixture, db: str) -> None:
+    data = shared_file("cifar10_test1000.npz")
+    code, out, err = run(capsys, "eval", "--db", db, "--quiet", "--json", "--model", "resnet20", "--dataset",
+                         f"npz:{data}", "--n-examples", "8")
+    assert code == 0, err
+    assert "randomly initialized" in " ".join(json.loads(out)[0]["warnings"])
+    code, out, err = run(capsys, "eval", "--db", db, "--quiet", "--json", "--n-examples", "8")  # packaged weights
+    assert code == 0, err
+    assert "randomly initialized" not in " ".join(json.loads(out)[0]["warnings"])

@@ -20,7 +20,9 @@ mode (as the reference code of Rice et al. and Wong et al. does); TRADES and MAR
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -168,6 +170,27 @@ class TrainingStrategy:
         return self.tricks.reg_lambda * weight_penalty(self._reg_conv, self.tricks.reg_p)
 
     # -- one batch -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def attacking(self, model: nn.Module) -> Iterator[None]:
+        """The model's mode while the batch is made adversarial: eval mode for ``eval_mode_attack``
+        methods, unchanged otherwise; restored after."""
+        was = model.training
+        if self.eval_mode_attack:
+            model.eval()
+        try:
+            yield
+        finally:
+            model.train(was)
+
+    def adversarial_input(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """``perturb`` in the attack's mode (:meth:`attacking`); ``x`` itself for clean methods."""
+        if not self.adversarial:
+            return x
+        with self.attacking(model):
+            return self.perturb(model, x, y, generator)
+
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The adversarial inputs this method trains on (``x`` for standard training)."""
         return x
@@ -180,16 +203,7 @@ class TrainingStrategy:
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> StepOutput:
         """Make the batch adversarial, compute the loss (plus the regularizer) in train mode."""
-        if self.adversarial:
-            was = model.training
-            if self.eval_mode_attack:
-                model.eval()
-            try:
-                x_adv = self.perturb(model, x, y, generator)
-            finally:
-                model.train(was)
-        else:
-            x_adv = x
+        x_adv = self.adversarial_input(model, x, y, generator)
         loss, logits, parts = self.loss_on(model, x, x_adv, y)
         parts = {"task": float(loss.detach()), **parts}
         reg = self.regularizer(model)

@@ -100,13 +100,8 @@ class DAT(TrainingStrategy):
             if generator is None:
                 raise ValueError("DAT.step needs a generator or a start.")
             start = self.threat.random_init(x, generator)
-        was = model.training
-        if self.eval_mode_attack:
-            model.eval()
-        try:
+        with self.attacking(model):
             x_adv = self.perturb_from(model, x, y, start)
-        finally:
-            model.train(was)
         loss, logits, parts = self.loss_on(loss_model if loss_model is not None else model, x, x_adv, y)
         return StepOutput(loss, logits.detach(), {"task": float(loss.detach()), **parts})
 

@@ -293,15 +293,7 @@ class DistillStrategy:
 
         assert self.aux is not None and self.student_tap is not None and self.teacher_tap is not None
         base = self.base
-        x_in = x
-        if base.adversarial:
-            was = model.training
-            if base.eval_mode_attack:
-                model.eval()
-            try:
-                x_in = base.perturb(model, x, y, generator)
-            finally:
-                model.train(was)
+        x_in = base.adversarial_input(model, x, y, generator)
         pixel_mask = None
         if self.mask_ratio > 0:
             assert self.mask_patch is not None

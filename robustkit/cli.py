@@ -95,6 +95,34 @@ def list_cmd(what: str, source: str, dataset: str | None, threat_model: str | No
     out.print(table)
 
 
+class StepBar:
+    """One transient bar on stderr for a run of steps (training epochs, RiFT stages): started by the
+    first :meth:`update` that names a step, stopped when the ``with`` block ends."""
+
+    def __init__(self, width: int = 14):
+        self.progress = Progress(TextColumn(f"{{task.description:>{width}}}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err,
+                                 transient=True)
+        self.task: int | None = None
+
+    def update(self, description: str | None = None, step: int | None = None, steps: int | None = None,
+               status: str = "") -> None:
+        """Show ``step`` of ``steps``; without a description, only the status of a started bar."""
+        if self.task is None:
+            if description is None:
+                return
+            self.progress.start()
+            self.task = self.progress.add_task(description, total=steps, status="")
+        self.progress.update(self.task, description=description, completed=step, total=steps, status=status)
+
+    def __enter__(self) -> StepBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.task is not None:
+            self.progress.stop()
+
+
 class ProgressBars:
     """Rich progress: one bar per cell (with its running robust accuracy) and one overall bar."""
 

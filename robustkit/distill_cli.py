@@ -73,7 +73,7 @@ def train_distill_cmd(ctx: click.Context, method: str | None, tricks: tuple[str,
         values["method"] = method
     values.update(command_line_values(ctx, options, tricks, eval_attacks))
     if not values.get("out") and not dump_config:
-        values["out"] = default_out("distill", values)
+        values["out"] = default_out("distill", values.get("model", "digits-cnn"))
     config = DistillConfig.from_dict(values)
     if dump_config:
         click.echo(config.to_yaml(), nl=False)

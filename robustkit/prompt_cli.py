@@ -8,7 +8,6 @@ their own commands before parsing.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import click
@@ -62,38 +61,27 @@ def train_prompt_cmd(quiet: bool, **options: Any) -> None:
           --n-examples 200 --attack pgd --eps 0.1
     """
     from .prompt_training import PromptConfig, train_prompt
+    from .train_cli import default_out
 
     if not options.get("out"):
-        options["out"] = "runs/prompt-" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(options.get("model") or "model"))
+        options["out"] = default_out("prompt", options.get("model") or "model")
     config = PromptConfig(**options)
     _run(config, quiet, train_prompt)
 
 
 def _run(config: Any, quiet: bool, runner: Any) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
     from rich.text import Text
 
-    from .cli import err, out
+    from .cli import StepBar, err, out
 
-    bar = Progress(TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err, transient=True)
-    task: list[Any] = []
+    with StepBar() as bar:
 
-    def on_event(ev: dict[str, Any]) -> None:
-        if quiet or ev["kind"] != "step":
-            return
-        desc = f"epoch {ev['epoch'] + 1}/{ev['epochs']}"
-        if not task:
-            bar.start()
-            task.append(bar.add_task(desc, total=ev["steps"], status=""))
-        bar.update(task[0], description=desc, completed=ev["step"], total=ev["steps"], status=f"loss {ev['loss']:.3f}")
+        def on_event(ev: dict[str, Any]) -> None:
+            if not quiet and ev["kind"] == "step":
+                bar.update(f"epoch {ev['epoch'] + 1}/{ev['epochs']}", ev["step"], ev["steps"], f"loss {ev['loss']:.3f}")
 
-    try:
         result = runner(config, progress=on_event)
-    finally:
-        if task:
-            bar.stop()
     tricks = " + ".join(t for t, on in (("input diversity", config.input_diversity), ("grad norm", config.grad_norm))
                         if on) or "no tricks"
     backbone = config.model or getattr(result.model.backbone, "name", "the backbone")

@@ -64,7 +64,7 @@ def train_pubdef_cmd(tricks: tuple[str, ...], eval_attacks: tuple[str, ...], con
     values["method"] = "pubdef"
     values.update(command_line_values(click.get_current_context(), options, tricks, eval_attacks))
     if not values.get("out") and not dump_config:
-        values["out"] = default_out("pubdef", values)
+        values["out"] = default_out("pubdef", values.get("model", "digits-cnn"))
     config = PubDefConfig.from_dict(values)
     if dump_config:
         click.echo(config.to_yaml(), nl=False)

@@ -3,7 +3,6 @@ then the per-module criticality table and the interpolation table."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import click
@@ -70,42 +69,32 @@ def train_rift_cmd(quiet: bool, **options: Any) -> None:
     """
     from .rift import RiftConfig, parse_alphas
     from .threat import parse_eps
+    from .train_cli import default_out
 
     options["eps"] = parse_eps(options["eps"])
     if options.get("attack_step_size") is not None:
         options["attack_step_size"] = parse_eps(options["attack_step_size"])
     options["alphas"] = parse_alphas(options["alphas"])
     if not options.get("out") and not options.get("criticality_only"):
-        options["out"] = "runs/rift-" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(options.get("model") or "model"))
+        options["out"] = default_out("rift", options.get("model") or "model")
     config = RiftConfig(**options)
     _run(config, quiet)
 
 
 def _run(config: Any, quiet: bool) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
     from rich.text import Text
 
-    from .cli import err, out
+    from .cli import StepBar, err, out
     from .rift import run_rift
 
-    bar = Progress(TextColumn("{task.description:>18}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err, transient=True)
-    task: list[Any] = []
+    with StepBar(width=18) as bar:
 
-    def on_event(ev: dict[str, Any]) -> None:
-        if quiet or ev["kind"] != "step":
-            return
-        if not task:
-            bar.start()
-            task.append(bar.add_task(ev["stage"], total=ev["steps"], status=""))
-        bar.update(task[0], description=ev["stage"], completed=ev["step"], total=ev["steps"], status=ev["status"])
+        def on_event(ev: dict[str, Any]) -> None:
+            if not quiet and ev["kind"] == "step":
+                bar.update(ev["stage"], ev["step"], ev["steps"], ev["status"])
 
-    try:
         result = run_rift(config, progress=on_event)
-    finally:
-        if task:
-            bar.stop()
     rows = result.criticality
     table = Table(title=f"Module robust criticality of {result.model.name} ({len(rows)} modules; PGD-"
                         f"{config.attack_steps} {config.norm} eps {config.eps:.4g}, weight radius "

@@ -183,9 +183,9 @@ def command_line_values(ctx: click.Context, options: dict[str, Any], tricks: tup
     return values
 
 
-def default_out(prefix: str, values: dict[str, Any]) -> str:
+def default_out(prefix: str, model: object) -> str:
     """``runs/PREFIX-MODEL``, the output folder when --out is not given."""
-    return f"runs/{prefix}-" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(values.get("model", "digits-cnn")))
+    return f"runs/{prefix}-" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(model))
 
 
 def _train(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval_attacks: tuple[str, ...],
@@ -213,7 +213,7 @@ def _train(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval
     if "method" not in values:
         raise UsageError("Name a training method (e.g. `robustkit train pgd-at`) or give --config FILE.")
     if not values.get("out") and (dat or not dump_config):  # dat: its default --eval needs --out
-        values["out"] = default_out(values["method"], values)
+        values["out"] = default_out(values["method"], values.get("model", "digits-cnn"))
     config = cls.from_dict(values)
     if dat and config.mix:
         raise UsageError("--mix is not supported by dat and dat-fgsm; use it with the other training methods.")
@@ -247,19 +247,15 @@ def _show_warnings() -> None:
 
 
 def run_training(config: Any, quiet: bool, *, runner: Any, show: bool = True) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
     from rich.text import Text
 
-    from .cli import err, out
+    from .cli import StepBar, err, out
     from .train import TrainEvent
 
     logging.getLogger("robustkit.train").addHandler(logging.NullHandler())
-    bar = Progress(
-        TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-        TimeRemainingColumn(), console=err, transient=True,
-    )  # fmt: skip
-    state: dict[str, Any] = {"task": None, "co": False, "pgd": None}
+    bar = StepBar()
+    state: dict[str, Any] = {"co": False, "pgd": None}
 
     def status() -> str:
         parts = []
@@ -278,7 +274,7 @@ def run_training(config: Any, quiet: bool, *, runner: Any, show: bool = True) ->
             return
         if ev.kind == "co":
             state["co"] = True
-            bar.console.print(Text(f"Catastrophic overfitting (epoch {ev.info['epoch']}, step {ev.info['step']}): "
+            err.print(Text(f"Catastrophic overfitting (epoch {ev.info['epoch']}, step {ev.info['step']}): "
                                    f"{ev.info['reason']}; --on-co {config.on_co}.", style="yellow"), soft_wrap=True)
         if ev.kind == "check":
             state["pgd"] = ev.info["pgd_acc"]
@@ -286,19 +282,12 @@ def run_training(config: Any, quiet: bool, *, runner: Any, show: bool = True) ->
             return
         if ev.kind == "step":
             state["loss"] = ev.loss
-            desc = f"epoch {ev.epoch + 1}/{ev.epochs}"
-            if state["task"] is None:
-                bar.start()
-                state["task"] = bar.add_task(desc, total=ev.steps, status="")
-            bar.update(state["task"], description=desc, completed=ev.step, total=ev.steps, status=status())
-        elif ev.kind == "epoch" and state["task"] is not None:
-            bar.update(state["task"], status=status())
+            bar.update(f"epoch {ev.epoch + 1}/{ev.epochs}", ev.step, ev.steps, status())
+        elif ev.kind == "epoch":
+            bar.update(status=status())
 
-    try:
+    with bar:
         result = runner(config, progress=on_event)
-    finally:
-        if state["task"] is not None:
-            bar.stop()
     if not show:
         return
     table = Table(title=f"{config.method} on {config.model}, {config.dataset}, {config.norm} eps={config.eps:.4g}")

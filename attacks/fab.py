@@ -56,10 +56,38 @@ def _orient(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[tor
     return w, c * flip, room
 
 
-def _saturation_level(weights: torch.Tensor, caps: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def _saturation_level(weights: torch.Tensor, caps: torch.Tensor, c: torch.Tensor, max_steps: int = 32) -> torch.Tensor:
     """Per row, the ``lam >= 0`` with ``sum_i weights_i·min(lam, caps_i) = c`` (``inf`` where even
-    every coordinate at its cap falls short). The sum is piecewise linear and nondecreasing in
-    ``lam``, with kinks at the sorted caps: find the segment, then solve on it."""
+    every coordinate at its cap falls short).
+
+    The sum is concave, piecewise linear and nondecreasing in ``lam``, so Newton's method from
+    ``lam = 0`` climbs monotonically and lands exactly on the root once the set of saturated
+    coordinates stops growing, usually within a few steps. Each step is two masked sums, far
+    cheaper than the sort FAB's Linf projection used to run every iteration (35% of FAB-T's
+    time); rows still moving after ``max_steps`` are solved by the sort (:func:`_saturation_level_sorted`).
+    """
+    lam = torch.zeros_like(c)
+    saturated_count = torch.full_like(c, -1.0)
+    todo = torch.ones_like(c, dtype=torch.bool)
+    for _ in range(max_steps):
+        free = caps > lam[:, None]
+        count = (~free).sum(1).to(c)
+        todo = count != saturated_count  # the saturated set grew: the last step was not yet exact
+        if not todo.any():
+            return lam
+        saturated_count = count
+        slope = (weights * free).sum(1)
+        below = (weights * caps * ~free).sum(1)
+        step = (c - below) / slope.clamp_min(1e-30)
+        stuck = torch.where(below >= c, lam, torch.full_like(lam, float("inf")))  # no free weight left
+        lam = torch.where(slope > 0, step.maximum(lam), stuck)
+    lam[todo] = _saturation_level_sorted(weights[todo], caps[todo], c[todo])
+    return lam
+
+
+def _saturation_level_sorted(weights: torch.Tensor, caps: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """:func:`_saturation_level` by sorting the caps (the kinks of the sum): find the segment
+    that holds the root, then solve on it."""
     caps_sorted, order = caps.sort(1)
     w_sorted = weights.gather(1, order)
     saturated = (w_sorted * caps_sorted).cumsum(1) - w_sorted * caps_sorted  # sum over caps below k

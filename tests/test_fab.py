@@ -13,7 +13,7 @@ from torch import nn
 
 from robustkit import ThreatModel
 from robustkit.attacks import FAB, FABT
-from robustkit.attacks.fab import project_l1, project_l2, project_linf
+from robustkit.attacks.fab import _saturation_level, _saturation_level_sorted, project_l1, project_l2, project_linf
 from robustkit.errors import UsageError
 from robustkit.models import load_model
 
@@ -69,6 +69,23 @@ def test_projection_small_cases() -> None:
     t = torch.tensor([[0.1, 0.9]])
     torch.testing.assert_close(project_linf(t, w, torch.tensor([0.4])), torch.tensor([[-0.1, -0.5]]))
     torch.testing.assert_close(project_l2(t, w, torch.tensor([0.4])), torch.tensor([[-0.1, -0.5]]))
+
+
+@pytest.mark.parametrize("max_steps", [32, 1])
+def test_newton_saturation_level_equals_the_sorted_solution(max_steps: int) -> None:
+    """The Newton solve gives the sort's root (also where the sum never reaches c: inf, and
+    c = 0 with nothing free: 0); with one step most rows fall back to the sort."""
+    g = torch.Generator().manual_seed(0)
+    for dim in (1, 2, 7, 300, 3072):
+        weights = torch.rand(24, dim, generator=g) * (torch.rand(24, dim, generator=g) > 0.3)
+        caps = torch.rand(24, dim, generator=g) * (torch.rand(24, dim, generator=g) > 0.2)
+        c = torch.rand(24, generator=g) * (weights * caps).sum(1) * 1.2
+        c[:2] = 0
+        newton = _saturation_level(weights, caps, c, max_steps=max_steps)
+        exact = _saturation_level_sorted(weights, caps, c)
+        assert torch.equal(newton.isinf(), exact.isinf())
+        finite = exact.isfinite()
+        torch.testing.assert_close(newton[finite], exact[finite], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2", "l1"])

@@ -43,7 +43,7 @@ from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
 
 from .losses import get_loss
-from .targets import TargetClasses
+from .targets import TargetClasses, pack, stop_siblings, target_groups
 
 MOMENTUM = 0.75
 
@@ -112,6 +112,11 @@ class _Run:
     x_best: torch.Tensor  # the highest-loss iterate
     loss_best: torch.Tensor
 
+    def part(self, index: int, size: int) -> _Run:
+        """The rows ``index·size`` to ``(index + 1)·size``: one target class of a packed run."""
+        cut = slice(index * size, (index + 1) * size)
+        return _Run(self.found[cut], self.x_found[cut], self.x_best[cut], self.loss_best[cut])
+
 
 class _Batch:
     """Merges runs (restarts, target classes) into one per-sample outcome."""
@@ -125,10 +130,13 @@ class _Batch:
         return (~self.found).nonzero().flatten()
 
     def merge(self, rows: torch.Tensor, run: _Run) -> None:
-        better = ~run.found & (run.loss_best > self.loss[rows])
+        """Add a run on ``rows``; a point already broken keeps its adversarial point."""
+        fresh = ~self.found[rows]
+        found = run.found & fresh
+        better = fresh & ~run.found & (run.loss_best > self.loss[rows])
         self.x_adv[rows[better]] = run.x_best[better]
-        self.x_adv[rows[run.found]] = run.x_found[run.found]
-        self.found[rows[run.found]] = True
+        self.x_adv[rows[found]] = run.x_found[found]
+        self.found[rows[found]] = True
         self.loss[rows] = torch.maximum(self.loss[rows], run.loss_best)
 
     def result(self) -> AttackResult:
@@ -238,12 +246,14 @@ class APGD(Attack):
         loss_target: torch.Tensor | None,
         success_target: torch.Tensor | None,
         generator: torch.Generator,
+        owner: torch.Tensor | None = None,
     ) -> _Run:
-        """One run from a random start (or the L1 3·eps, 2·eps, eps schedule)."""
+        """One run from a random start (or the L1 3·eps, 2·eps, eps schedule); ``owner`` maps
+        packed rows to their points (see :mod:`attacks.targets`)."""
         eps = self.threat.eps
         if not self.use_largereps:
             start = self.random_start(x, eps, generator)
-            return self.run(forward, x, y, loss_target, success_target, start, eps, self.steps)
+            return self.run(forward, x, y, loss_target, success_target, start, eps, self.steps, owner=owner)
         stages = [math.ceil(0.3 * self.steps)] * 2
         stages.append(self.steps - sum(stages))
         epss = [3 * eps, 2 * eps, eps]
@@ -264,6 +274,7 @@ class APGD(Attack):
                 max(steps_i, 1),
                 from_start=True,
                 track_success=i == len(epss) - 1,
+                owner=owner,
             )
             start = run.x_best
         assert run is not None
@@ -344,8 +355,10 @@ class APGD(Attack):
         steps: int,
         from_start: bool = False,
         track_success: bool = True,
+        owner: torch.Tensor | None = None,
     ) -> _Run:
-        """One APGD run of ``steps`` iterations on the samples ``x`` from ``start``."""
+        """One APGD run of ``steps`` iterations on the samples ``x`` from ``start``; a broken
+        row stops the rows of the same ``owner`` (packed target classes)."""
         n, dev = len(x), x.device
         l1 = self.threat.norm == "l1"
         logits, loss, grad = self.evaluate(forward, start, y, loss_target, need_grad=True)
@@ -410,6 +423,7 @@ class APGD(Attack):
                 x_found[rows[hit]] = new[hit]
                 found[rows[hit]] = True
                 alive[rows[hit]] = False
+                stop_siblings(alive, owner, rows[hit])
             better = loss > loss_best[rows]
             x_best[rows[better]] = new[better]
             if g is not None:
@@ -474,18 +488,23 @@ class APGDT(TargetClasses, APGD):
         y: torch.Tensor,
         target: torch.Tensor | None,
         generator: torch.Generator,
+        budget: int | None = None,
     ) -> AttackResult:
+        """``budget``: rows in flight when target classes are packed (default ``len(x)``)."""
         if target is not None:
             return super().perturb(forward, x, y, target, generator)
         with torch.no_grad():
             clean = forward(x)
         self.check_classes(clean.shape[1], targeted=True)
         batch = _Batch(x)
-        for towards in self.target_classes(clean):
+        for group in target_groups(self.target_classes(clean), lambda: len(batch.todo()), budget or len(x)):
             for _ in range(self.restarts):
                 rows = batch.todo()
                 if not len(rows):
                     return batch.result()
-                run = self.attack_once(forward, x[rows], y[rows], towards[rows], None, generator)
-                batch.merge(rows, run)
+                packed, towards = pack(rows, group)
+                owner = packed if len(group) > 1 else None  # without early_stop: frozen, still computed
+                run = self.attack_once(forward, x[packed], y[packed], towards, None, generator, owner)
+                for part in range(len(group)):  # in target order: the first to break a point keeps it
+                    batch.merge(rows, run.part(part, len(rows)))
         return batch.result()

@@ -154,7 +154,8 @@ class AutoAttack(VersionOrList, Attack):
             rows = (~broken).nonzero().flatten()
             if len(rows):
                 stage_gen = torch.Generator(device=x.device).manual_seed(attack.seed)
-                out = attack.perturb(forward, x[rows], y[rows], None, stage_gen)
+                budget = {"budget": len(x)} if attack.takes_budget else {}
+                out = attack.perturb(forward, x[rows], y[rows], None, stage_gen, **budget)
                 adv = attack.threat.clip(out.x_adv.detach(), x[rows])
                 with torch.no_grad():
                     hit = attack.is_success(forward(adv), y[rows], None)

@@ -21,16 +21,28 @@ change when the loss improves. It follows AutoAttack's ``SquareAttack``
 
 Differences from the reference, none of which changes the distribution of one image's run:
 the windows, signs and transpositions are drawn per image (the reference shares them across
-the batch; the paper draws them per image), from the attack's own ``generator``, and they
-are drawn for the whole batch at every iteration, so an image's result does not depend on
-which other images are still being attacked.
+the batch; the paper draws them per image), for every (iteration, image) in a fixed order from
+the run's own stream (seeded from the attack's ``generator``), so an image's result does not
+depend on which other images are still being attacked, nor on how many proposals are
+evaluated at once.
+
+Lookahead: a proposal is built from the current best point and random draws that do not
+depend on it, and most proposals are rejected (on robust points about 19 in 20), so the next
+``lookahead`` proposals of a point are built from the same best point and evaluated in one
+batch; the first accepted one is kept and the proposals after it are dropped and built again
+from the new best point. As the draws do not depend on the evaluation order, every
+point follows exactly the trajectory of the one-proposal-at-a-time loop (``lookahead=1``); only
+the batching changes. A batch of a few robust points runs at a poor per-image cost, so this is
+faster; the rows in flight stay within ``budget`` (default: the batch given; AutoAttack passes
+its cascade's batch), and the dropped proposals are not counted as queries.
 
 Query counting (``AttackResult.queries``), as the reference: one query for the initial point,
 plus one per iteration while the point is not yet broken. A point broken by its initial point
 costs 1; a point that survives costs ``n_queries + 1`` per restart (summed over restarts, which
 run only on points still robust). Points misclassified before the attack cost 0 (the base class
 skips them). With ``early_stop`` (the default) broken points leave the batch; without it they
-are still evaluated, but neither updated nor counted, so the result is the same.
+are still evaluated (one proposal at a time), but neither updated nor counted, so the result
+is the same.
 """
 
 from __future__ import annotations
@@ -92,13 +104,74 @@ def _view(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
 
 
-def _window_masks(h: int, w: int, s: int, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
-    """Boolean masks (N, 1, H, W) of the s x s windows with corners ``(top, left)``."""
+def _window_masks(h: int, w: int, s: int | torch.Tensor, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """Boolean masks (N, 1, H, W) of the s x s windows with corners ``(top, left)`` (``s`` one
+    size or one per window)."""
     r = torch.arange(h, device=top.device)
     c = torch.arange(w, device=top.device)
-    in_rows = (r[None] >= top[:, None]) & (r[None] < top[:, None] + s)
-    in_cols = (c[None] >= left[:, None]) & (c[None] < left[:, None] + s)
+    size = s[:, None] if isinstance(s, torch.Tensor) else s
+    in_rows = (r[None] >= top[:, None]) & (r[None] < top[:, None] + size)
+    in_cols = (c[None] >= left[:, None]) & (c[None] < left[:, None] + size)
     return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
+
+
+@dataclass
+class _Draws:
+    """Per-row random draws of a proposal: window side and corner, a sign per channel and, for
+    L2, the second window and the pattern's transposition."""
+
+    side: torch.Tensor
+    top: torch.Tensor
+    left: torch.Tensor
+    signs: torch.Tensor  # (N, C), +-1
+    top2: torch.Tensor | None = None
+    left2: torch.Tensor | None = None
+    flip: torch.Tensor | None = None
+
+    def subset(self, keep: torch.Tensor) -> _Draws:
+        return _Draws(*[None if v is None else v[keep] for v in vars(self).values()])
+
+
+class _DrawTable:
+    """The draws of every (iteration, image) of one run, made chunk by chunk in one fixed order
+    from the run's own generator, so they do not depend on which pairs are evaluated when."""
+
+    CHUNK = 256
+
+    def __init__(self, attack: Square, x: torch.Tensor, generator: torch.Generator):
+        self.attack, self.generator = attack, generator
+        self.n, self.c, self.h, self.w = x.shape
+        self.device, self.dtype = x.device, x.dtype
+        self.l2 = attack.threat.norm == "l2"
+        self.columns: dict[str, torch.Tensor] = {}
+        self.made = 0  # iterations drawn so far
+
+    def extend(self) -> None:
+        t = torch.arange(self.made, self.made + self.CHUNK)
+        side = torch.tensor([self.attack.window_size(int(i), self.h, self.w) for i in t], device=self.device)
+        new = {"side": side[:, None].expand(-1, self.n)}
+
+        def corner(room: torch.Tensor) -> torch.Tensor:  # in [0, room), as the reference's random_int
+            u = torch.rand(self.CHUNK, self.n, generator=self.generator, device=self.device)
+            return (u * room[:, None]).long().clamp_max(room[:, None] - 1)
+
+        rows, cols = (self.h - side).clamp_min(1), (self.w - side).clamp_min(1)  # 0 when the window fills
+        new["top"], new["left"] = corner(rows), corner(cols)
+        if self.l2:
+            new["top2"], new["left2"] = corner(rows), corner(cols)
+            new["flip"] = torch.randint(0, 2, (self.CHUNK, self.n), generator=self.generator, device=self.device)
+        bits = torch.randint(0, 2, (self.CHUNK, self.n, self.c), generator=self.generator, device=self.device)
+        new["signs"] = (2 * bits - 1).to(torch.int8)
+        self.columns = {k: torch.cat([self.columns[k], v]) if self.columns else v for k, v in new.items()}
+        self.made += self.CHUNK
+
+    def pick(self, t: torch.Tensor, image: torch.Tensor) -> _Draws:
+        """The draws of iteration ``t[i]`` for image ``image[i]``, one row per pair."""
+        while self.made <= int(t.max()):
+            self.extend()
+        got = {k: v[t, image] for k, v in self.columns.items()}
+        got["signs"] = got["signs"].to(self.dtype)
+        return _Draws(**got)
 
 
 @dataclass
@@ -112,11 +185,12 @@ class _Run:
 @ATTACKS.register("square")
 class Square(Attack):
     """Square Attack, as AutoAttack's ``SquareAttack``: ``n_queries`` iterations per restart
-    (default 5000), ``p_init`` 0.8, margin loss, per-sample early stop and query counts
-    (see the module docstring)."""
+    (default 5000), ``p_init`` 0.8, margin loss, per-sample early stop and query counts;
+    ``lookahead`` proposals per point evaluated together (see the module docstring)."""
 
     name = "square"
     supported_norms = ("linf", "l2")
+    takes_budget = True
 
     def __init__(
         self,
@@ -127,12 +201,14 @@ class Square(Attack):
         restarts: int = 1,
         loss: str = "cw",
         rescale_schedule: bool = True,
+        lookahead: int = 8,
         **kwargs: Any,
     ):
         super().__init__(threat, **kwargs)
-        if n_queries < 1 or restarts < 1:
+        if n_queries < 1 or restarts < 1 or lookahead < 1:
             raise UsageError(
-                f"{self.name} needs n_queries >= 1 and restarts >= 1, got n_queries={n_queries}, restarts={restarts}."
+                f"{self.name} needs n_queries, restarts and lookahead >= 1, got n_queries={n_queries}, "
+                f"restarts={restarts}, lookahead={lookahead}."
             )
         if not 0 < p_init <= 1:
             raise UsageError(f"{self.name} needs 0 < p_init <= 1, got {p_init}.")
@@ -142,6 +218,7 @@ class Square(Attack):
         self.loss_name = loss
         self.loss_fn = get_loss(loss)
         self.rescale_schedule = rescale_schedule
+        self.lookahead = lookahead
 
     def config(self) -> dict[str, Any]:
         return {
@@ -171,7 +248,9 @@ class Square(Attack):
         y: torch.Tensor,
         target: torch.Tensor | None,
         generator: torch.Generator,
+        budget: int | None = None,
     ) -> AttackResult:
+        """``budget``: rows in flight with lookahead (default ``len(x)``)."""
         if x.dim() != 4:
             raise UsageError(f"{self.name} needs images (N, C, H, W), got shape {tuple(x.shape)}.")
         x_adv = x.clone()
@@ -183,7 +262,8 @@ class Square(Attack):
                 rows = (~found).nonzero().flatten()
                 if not len(rows):
                     break
-                run = self.run(forward, x[rows], y[rows], None if target is None else target[rows], generator)
+                aim = None if target is None else target[rows]
+                run = self.run(forward, x[rows], y[rows], aim, generator, budget or len(x))
                 keep = run.found | (run.loss > loss[rows])
                 x_adv[rows[keep]] = run.x_best[keep]
                 found[rows] = run.found
@@ -198,33 +278,57 @@ class Square(Attack):
         y: torch.Tensor,
         target: torch.Tensor | None,
         generator: torch.Generator,
+        budget: int,
     ) -> _Run:
         """One run of ``n_queries`` iterations from the reference's initial point."""
-        n = len(x)
-        x_best = self.threat.clip(x + self.init_delta(x, generator), x)
+        n, dev = len(x), x.device
+        # the run's own stream: the draws it makes do not depend on lookahead or budget
+        seed = int(torch.randint(2**62, (1,), generator=generator, device=dev))
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        x_best = self.threat.clip(x + self.init_delta(x, gen), x)
         logits = forward(x_best)
         margin = cw_loss(logits, y, target)  # >= 0: broken
         loss_best = self.loss_fn(logits, y, target)
-        queries = torch.ones(n, dtype=torch.long, device=x.device)
-        alive = margin < 0
-        everyone = torch.arange(n, device=x.device)
-        for it in range(self.n_queries):
-            if not alive.any():
+        queries = torch.ones(n, dtype=torch.long, device=dev)
+        it = torch.zeros(n, dtype=torch.long, device=dev)  # each point's next iteration
+        draws = _DrawTable(self, x, gen)
+        everyone = torch.arange(n, device=dev)
+        while True:
+            todo = (margin < 0) & (it < self.n_queries)
+            if not todo.any():
                 break
-            x_new_all = self.propose(x, x_best, it, generator)  # drawn for all n: see the module doc
-            rows = alive.nonzero().flatten() if self.early_stop else everyone
-            logits = forward(x_new_all[rows])
-            margin_new = cw_loss(logits, y[rows], None if target is None else target[rows])
-            loss_new = self.loss_fn(logits, y[rows], None if target is None else target[rows])
-            active = alive[rows]
-            improved = active & (loss_new > loss_best[rows])
-            accept = improved | (active & (margin_new >= 0))
-            loss_best[rows[improved]] = loss_new[improved]
-            margin[rows[accept]] = margin_new[accept]
-            x_best[rows[accept]] = x_new_all[rows[accept]]
-            queries[rows[active]] += 1
-            alive = margin < 0
-        return _Run(x_best=x_best, found=~alive, loss=loss_best, queries=queries)
+            if self.early_stop:
+                rows = todo.nonzero().flatten()
+                depth = max(1, min(self.lookahead, budget // len(rows)))
+            else:  # every point, one proposal at a time; the broken ones are not updated
+                rows, depth = everyone, 1
+            # (point, iteration) pairs, depth-major: proposal d of every point, then d + 1
+            point = rows.repeat(depth)
+            t = it[rows].repeat(depth) + torch.arange(depth, device=dev).repeat_interleave(len(rows))
+            valid = t < self.n_queries
+            point, t = point[valid], t[valid]
+            candidates = self.propose(x[point], x_best[point], draws.pick(t, point))
+            logits = forward(candidates)
+            aim = None if target is None else target[point]
+            margin_new = cw_loss(logits, y[point], aim)
+            loss_new = margin_new if self.loss_name == "cw" else self.loss_fn(logits, y[point], aim)
+            # per point, the first accepted proposal (its loss improves, or it breaks the point)
+            grid = torch.full((depth, len(rows)), -1, dtype=torch.long, device=dev)
+            grid.view(-1)[valid.nonzero().flatten()] = torch.arange(len(point), device=dev)
+            pair = grid.clamp_min(0)
+            improved = (loss_new[pair] > loss_best[rows]) & (grid >= 0)
+            accept = (improved | (margin_new[pair] >= 0)) & (grid >= 0) & todo[rows]
+            taken = accept.any(0)
+            first = accept.float().argmax(0)
+            used = torch.where(taken, first + 1, (grid >= 0).sum(0))
+            queries[rows] += torch.where(todo[rows], used, 0)
+            it[rows] += used
+            cols = taken.nonzero().flatten()
+            chosen, hit = pair[first[cols], cols], rows[cols]
+            x_best[hit] = candidates[chosen]
+            margin[hit] = margin_new[chosen]
+            loss_best[hit] = torch.where(improved[first[cols], cols], loss_new[chosen], loss_best[hit])
+        return _Run(x_best=x_best, found=margin >= 0, loss=loss_best, queries=queries)
 
     def init_delta(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The reference's initial perturbation (before the clip to the threat set)."""
@@ -243,26 +347,37 @@ class Square(Attack):
                 )
         return eps * delta / _view(delta.flatten(1).norm(dim=1).clamp_min(1e-12))
 
-    def propose(self, x: torch.Tensor, x_best: torch.Tensor, it: int, generator: torch.Generator) -> torch.Tensor:
-        """The candidate of iteration ``it`` for every point (random windows drawn per image)."""
+    def propose(self, x: torch.Tensor, x_best: torch.Tensor, draws: _Draws) -> torch.Tensor:
+        """One proposal per row: ``x_best`` changed inside the row's window (``draws``, one row
+        each)."""
         n, c, h, w = x.shape
         eps = self.threat.eps
-        s = self.window_size(it, h, w)
-        mask = self._random_windows(n, h, w, s, generator, x.device)
+        mask = _window_masks(h, w, draws.side, draws.top, draws.left)
         if self.threat.norm == "linf":
-            step = 2 * eps * self._signs((n, c, 1, 1), generator, x)
-            return self.threat.clip(x_best + mask * step, x)
+            return self.threat.clip(x_best + mask * (2 * eps * draws.signs[:, :, None, None]), x)
+        out = torch.empty_like(x)
+        for s in draws.side.unique().tolist():  # the L2 step reshapes windows: one side at a time
+            keep = (draws.side == s).nonzero().flatten()
+            out[keep] = self.propose_l2(x[keep], x_best[keep], int(s), draws.subset(keep), mask[keep])
+        return out
 
-        mask2 = self._random_windows(n, h, w, s, generator, x.device)
-        flip = torch.randint(0, 2, (n,), generator=generator, device=x.device)
-        signs = self._signs((n, c, 1, 1), generator, x)
+    def propose_l2(
+        self, x: torch.Tensor, x_best: torch.Tensor, s: int, draws: _Draws, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The L2 proposal for windows of side ``s``: the mass of a second window moves into the
+        first one, which gets the centred-square pattern plus its old content."""
+        assert draws.top2 is not None and draws.left2 is not None and draws.flip is not None
+        n, c, h, w = x.shape
+        eps = self.threat.eps
+        mask2 = _window_masks(h, w, s, draws.top2, draws.left2)
+        signs = draws.signs[:, :, None, None]
         delta = x_best - x
         full = mask.expand_as(delta)
         old = delta.masked_select(full).view(n, c, s, s)
         norm_old = old.flatten(2).norm(dim=2)[:, :, None, None]
         norm_img = _view(delta.flatten(1).norm(dim=1))
         norm_windows = (delta * (mask | mask2)).flatten(2).norm(dim=2)[:, :, None, None]
-        new = _patterns(s).to(x)[flip][:, None] * signs + old / (norm_old + 1e-12)
+        new = _patterns(s).to(x)[draws.flip][:, None] * signs + old / (norm_old + 1e-12)
         # the windows get back their own mass plus their share of the budget left unused
         size = ((eps**2 - norm_img**2).clamp_min(0) / c + norm_windows**2).sqrt()
         new = new / (new.flatten(2).norm(dim=2)[:, :, None, None] + 1e-12) * size
@@ -274,12 +389,3 @@ class Square(Attack):
     def _signs(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
         bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
         return (2 * bits - 1).to(like.dtype)
-
-    @staticmethod
-    def _random_windows(
-        n: int, h: int, w: int, s: int, generator: torch.Generator, device: torch.device
-    ) -> torch.Tensor:
-        # corners in [0, H - s) as the reference's random_int (0 when the window fills the image)
-        top = torch.randint(0, max(h - s, 1), (n,), generator=generator, device=device)
-        left = torch.randint(0, max(w - s, 1), (n,), generator=generator, device=device)
-        return _window_masks(h, w, s, top, left)

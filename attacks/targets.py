@@ -1,7 +1,18 @@
-"""Target-class handling shared by the targeted cascades (APGD-T, FAB-T)."""
+"""Target-class handling shared by the targeted cascades (APGD-T, FAB-T).
+
+Packing: once some points are broken, the target classes still to run are attacked several
+at a time, one row per (point, target class), so the rows in flight stay close to the batch
+the attack was given (``budget``, in AutoAttack the cascade's batch) and never exceed it. A
+small batch of robust points runs at a poor per-image cost, so on the robust points that
+dominate an AutoAttack evaluation this is cheaper than one small batch per target class. Each
+row's run does not depend on the others; a point broken by one of its rows stops all of them
+(APGD-T without ``early_stop``: freezes them, still computed), so every target class still
+runs only on points not yet broken, and the class that breaks a point first keeps it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -15,6 +26,7 @@ class TargetClasses:
     attack that runs once per target class, the most likely wrong classes first."""
 
     name: str
+    takes_budget = True
 
     def __init__(self, threat: ThreatModel, *, n_target_classes: int | None = None, **kwargs: Any):
         super().__init__(threat, **kwargs)  # type: ignore[call-arg]
@@ -40,3 +52,29 @@ class TargetClasses:
         """The target of each run: the 2nd, 3rd, ... most likely classes of ``logits``."""
         ranked = logits.sort(1).indices  # ascending, as the reference
         return [ranked[:, -rank] for rank in range(2, self.target_count(logits.shape[1]) + 2)]
+
+
+def target_groups(targets: list[torch.Tensor], pending: Callable[[], int], budget: int) -> Iterator[list[torch.Tensor]]:
+    """Consecutive groups of ``targets`` to attack together: as many target classes as keep
+    ``pending()`` (the points still robust when the group starts) times the group within
+    ``budget`` rows, at least one. Stops when no point is pending."""
+    i = 0
+    while i < len(targets):
+        points = pending()
+        if not points:
+            return
+        size = max(1, budget // points)
+        yield targets[i : i + size]
+        i += size
+
+
+def pack(rows: torch.Tensor, group: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per (point, target class): the points' indices repeated per target (also the
+    owner of each row, to stop a broken point's siblings) and each row's target class."""
+    return rows.repeat(len(group)), torch.cat([t[rows] for t in group])
+
+
+def stop_siblings(alive: torch.Tensor, owner: torch.Tensor | None, broken_rows: torch.Tensor) -> None:
+    """Stop every row whose point (``owner``) has a row in ``broken_rows``; in place."""
+    if owner is not None and len(broken_rows):
+        alive &= ~torch.isin(owner, owner[broken_rows])

@@ -111,6 +111,9 @@ class Attack:
     name: ClassVar[str] = "attack"
     supported_norms: ClassVar[tuple[str, ...]] = ("linf", "l2", "l1")
     supports_targeted: ClassVar[bool] = True
+    # perturb takes ``budget=``: how many rows it may run at once (target classes packed,
+    # Square's lookahead); AutoAttack passes its batch size, so robust leftovers fill the batch
+    takes_budget: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from robustkit import ThreatModel
+from robustkit.attack import Forward, attack_mode
 from robustkit.attacks import APGD, APGDDLR, APGDT
 from robustkit.attacks.apgd import checkpoints, project_l1_box
 from robustkit.errors import UsageError
@@ -23,6 +24,8 @@ from robustkit.models import load_model
 from robustkit.registry import ATTACKS
 
 from conftest import cifar10_test, pyautoattack_checkpoint, shared_file
+
+LINF = ThreatModel("linf", 8 / 255)
 
 
 def reference() -> ModuleType:
@@ -188,9 +191,9 @@ def test_apgd_t_uses_min_9_c_minus_1_targets(
     seen: list[torch.Tensor] = []
     original = APGDT.attack_once
 
-    def spy(self: APGDT, forward, xs, ys, loss_target, success_target, generator):
+    def spy(self: APGDT, forward, xs, ys, loss_target, success_target, generator, owner=None):
         seen.append(loss_target.clone())
-        return original(self, forward, xs, ys, loss_target, success_target, generator)
+        return original(self, forward, xs, ys, loss_target, success_target, generator, owner)
 
     monkeypatch.setattr(APGDT, "attack_once", spy)
     APGDT(ThreatModel("linf", 1e-6), steps=4)(model, x, y)  # too small to break anything
@@ -279,3 +282,41 @@ def test_oracle_resnet18_pyautoattack_checkpoint() -> None:
 def test_oracle_resnet4b(eps: float) -> None:
     x, y = cifar10_test(200)
     _oracle(resnet4b(), x, y, eps, "resnet4b")
+
+
+def test_target_classes_are_packed_within_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With room in the budget, APGD-T attacks several target classes at once (one row per
+    point and class, each point with each of its classes once) and breaks about the same
+    points as one class at a time (the random starts differ)."""
+    model = resnet4b()
+    x, y = cifar10_test(32)
+    with torch.no_grad():
+        logits = model(x)
+    keep = logits.argmax(1) == y
+    x, y, logits = x[keep], y[keep], logits[keep]
+    calls: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    original = APGDT.attack_once
+
+    def spy(self, forward, xs, ys, loss_target, success_target, generator, owner=None):  # type: ignore[no-untyped-def]
+        calls.append((loss_target.clone(), owner))
+        return original(self, forward, xs, ys, loss_target, success_target, generator, owner)
+
+    monkeypatch.setattr(APGDT, "attack_once", spy)
+    attack = APGDT(LINF, steps=10, seed=0)
+
+    def run(budget: int) -> torch.Tensor:
+        with attack_mode(model):
+            return attack.perturb(Forward(model), x, y, None, torch.Generator().manual_seed(0), budget=budget).success
+
+    packed = run(9 * len(x))
+    assert len(calls) == 1  # all nine classes in one batch of 9 rows per point
+    towards, owner = calls[0]
+    assert owner is not None and torch.equal(owner, torch.arange(len(x)).repeat(9))
+    ranked = logits.argsort(1, descending=True)
+    assert torch.equal(towards.view(9, -1), ranked[:, 1:10].T)
+    calls.clear()
+    one_at_a_time = run(1)
+    assert len(calls) >= 2 and all(owner is None for _, owner in calls)
+    agree = int((packed == one_at_a_time).sum())
+    print(f"broken: packed {int(packed.sum())}, one class at a time {int(one_at_a_time.sum())}; agree {agree}/{len(x)}")
+    assert 0 < int(packed.sum()) < len(x) and agree >= len(x) - 2

@@ -93,7 +93,7 @@ def test_each_stage_attacks_only_the_points_still_robust(digits: tuple) -> None:
     square = attack.stages[1][1]
     seen: list[torch.Tensor] = []
     perturb = square.perturb
-    square.perturb = lambda forward, xs, *rest: seen.append(xs) or perturb(forward, xs, *rest)  # type: ignore
+    square.perturb = lambda forward, xs, *rest, **kw: seen.append(xs) or perturb(forward, xs, *rest, **kw)  # type: ignore
     result = attack(model, x, y)
     first, second = result.stages["apgd-ce"], result.stages["square"]
     assert torch.equal(second, result.success) and bool((first <= second).all())  # cumulative

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from robustkit import ThreatModel
+from robustkit.attack import AttackResult, Forward, attack_mode
 from robustkit.attacks import FAB, FABT
 from robustkit.attacks.fab import _saturation_level, _saturation_level_sorted, project_l1, project_l2, project_linf
 from robustkit.errors import UsageError
@@ -104,9 +105,9 @@ def test_fab_t_uses_min_9_c_minus_1_targets(monkeypatch: pytest.MonkeyPatch) -> 
     runs: list[torch.Tensor] = []
     original = FABT.run
 
-    def spy(self, forward, x0, y, toward, target, start):  # type: ignore[no-untyped-def]
+    def spy(self, forward, x0, y, toward, target, start, owner=None):  # type: ignore[no-untyped-def]
         runs.append(toward)
-        return original(self, forward, x0, y, toward, target, start)
+        return original(self, forward, x0, y, toward, target, start, owner)
 
     monkeypatch.setattr(FABT, "run", spy)
     model = linear_model(5)
@@ -211,3 +212,29 @@ def test_fab_t_matches_pyautoattack() -> None:
           f"({t_ours:.0f} s), pyautoattack {ref_robust:.2%} ({t_ref:.0f} s); "
           f"per-sample disagreements {int((ours.success != ref_success).sum())}")
     assert abs(ours.robust_accuracy - ref_robust) <= 0.01
+
+
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_packed_target_classes_break_the_same_points(robust_model: nn.Module, early_stop: bool) -> None:
+    """FAB-T has no randomness, so packing its target classes (one row per point and class)
+    breaks exactly the points one class at a time breaks; float64, so that the batch size
+    cannot flip a decision by rounding. Without early stop every row runs all its steps, so
+    the points found are the same too."""
+    model = robust_model.double()
+    x, y = cifar10_test(16)
+    x = x.double()
+    with torch.no_grad():
+        keep = model(x).argmax(1) == y
+    x, y = x[keep], y[keep]
+    attack = FABT(LINF, steps=10, early_stop=early_stop)
+
+    def run(budget: int) -> AttackResult:
+        with attack_mode(model):
+            return attack.perturb(Forward(model), x, y, None, torch.Generator().manual_seed(0), budget=budget)
+
+    packed, one_at_a_time = run(9 * len(x)), run(1)
+    robust_model.float()
+    assert 0 < int(packed.success.sum()) < len(x)
+    assert torch.equal(packed.success, one_at_a_time.success)
+    if not early_stop:
+        torch.testing.assert_close(packed.x_adv, one_at_a_time.x_adv)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from robustkit import ThreatModel
+from robustkit.attack import Forward, attack_mode
 from robustkit.attacks import Square
 from robustkit.attacks.square import centred_squares, eta, p_selection
 from robustkit.models import load_model
@@ -20,15 +21,17 @@ LINF = ThreatModel("linf", 8 / 255)
 
 
 class Counting(nn.Module):
-    """Wraps a model and counts the rows it is asked to classify."""
+    """Wraps a model and counts the rows it is asked to classify, and the calls."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.rows = 0
+        self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.rows += len(x)
+        self.calls += 1
         return self.model(x)
 
 
@@ -83,7 +86,7 @@ def test_query_counts(robust_model: nn.Module, images: tuple[torch.Tensor, torch
     model = Counting(robust_model)
     with torch.no_grad():
         correct = robust_model(x).argmax(1) == y
-    result = Square(LINF, n_queries=n_queries, seed=0)(model, x, y)
+    result = Square(LINF, n_queries=n_queries, seed=0, lookahead=1)(model, x, y)
     q = result.queries
     assert (~correct).any() and (q[~correct] == 0).all(), "points misclassified from the start cost 0 queries"
     assert (q[correct] >= 1).all() and (q <= n_queries + 1).all()
@@ -94,7 +97,8 @@ def test_query_counts(robust_model: nn.Module, images: tuple[torch.Tensor, torch
     assert (q[survivors] == n_queries + 1).all()
     # early stop: broken points leave the batch as soon as they are misclassified
     assert (q[broken] < n_queries + 1).all()
-    # the counts are the model's work: the base class classifies the batch before and after
+    # one proposal at a time, the counts are the model's work (the base class classifies the
+    # batch before and after); lookahead also evaluates proposals it then drops
     assert model.rows == 2 * len(x) + int(q.sum())
 
 
@@ -213,3 +217,32 @@ def test_square_matches_pyautoattack(model_name: str, checkpoint: str, n_images:
           f"robustkit {ours.robust_accuracy:.2%} ({t_ours:.0f} s), pyautoattack {ref_robust:.2%} ({t_ref:.0f} s); "
           f"mean queries of successes {q_ours:.1f} vs {q_ref:.1f}")
     assert abs(ours.robust_accuracy - ref_robust) <= 0.015
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_lookahead_follows_the_same_trajectory(
+    robust_model: nn.Module, images: tuple[torch.Tensor, torch.Tensor], norm: str, eps: float
+) -> None:
+    """Evaluating 8 proposals per point at once gives exactly the one-at-a-time result (points,
+    success, query counts) in fewer, larger batches; float64, so that the batch size cannot
+    flip a comparison by rounding."""
+    model = Counting(robust_model.double())
+    x, y = images
+    x = x.double()
+    with torch.no_grad():
+        keep = robust_model(x).argmax(1) == y
+    x, y = x[keep], y[keep]
+    runs, calls = {}, {}
+    for lookahead in (1, 8):
+        model.calls = 0
+        attack = Square(ThreatModel(norm, eps), n_queries=200, seed=0, lookahead=lookahead)
+        with attack_mode(model):
+            runs[lookahead] = attack.perturb(Forward(model), x, y, None, torch.Generator().manual_seed(0),
+                                             budget=8 * len(x))
+        calls[lookahead] = model.calls
+    robust_model.float()
+    one, eight = runs[1], runs[8]
+    assert 0 < int(one.success.sum()) < len(x)
+    assert torch.equal(one.success, eight.success) and torch.equal(one.queries, eight.queries)
+    assert torch.equal(one.x_adv, eight.x_adv) and torch.equal(one.loss, eight.loss)
+    assert calls[8] < calls[1] / 2

@@ -96,6 +96,7 @@ class AutoAttack(VersionOrList, Attack):
 
     name = "autoattack"
     supports_targeted = False
+    takes_budget = True
 
     def __init__(
         self,
@@ -145,7 +146,10 @@ class AutoAttack(VersionOrList, Attack):
         y: torch.Tensor,
         target: torch.Tensor | None,
         generator: torch.Generator,
+        budget: int | None = None,
     ) -> AttackResult:
+        """``budget``: the rows a stage may run at once (default ``len(x)``); the points that
+        earlier stages broke leave room for packed target classes and Square's lookahead."""
         x_adv = x.clone()
         broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         queries = torch.zeros(len(x), dtype=torch.long, device=x.device)
@@ -154,8 +158,8 @@ class AutoAttack(VersionOrList, Attack):
             rows = (~broken).nonzero().flatten()
             if len(rows):
                 stage_gen = torch.Generator(device=x.device).manual_seed(attack.seed)
-                budget = {"budget": len(x)} if attack.takes_budget else {}
-                out = attack.perturb(forward, x[rows], y[rows], None, stage_gen, **budget)
+                room = {"budget": budget or len(x)} if attack.takes_budget else {}
+                out = attack.perturb(forward, x[rows], y[rows], None, stage_gen, **room)
                 adv = attack.threat.clip(out.x_adv.detach(), x[rows])
                 with torch.no_grad():
                     hit = attack.is_success(forward(adv), y[rows], None)

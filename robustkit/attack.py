@@ -179,7 +179,9 @@ class Attack:
             loss = None
             stages = None
             if len(todo):
-                sub = self.perturb(forward, x[todo], y[todo], None if target is None else target[todo], generator)
+                aim = None if target is None else target[todo]
+                budget = {"budget": len(x)} if self.takes_budget else {}  # the points skipped leave room
+                sub = self.perturb(forward, x[todo], y[todo], aim, generator, **budget)
                 x_adv[todo] = self.threat.clip(sub.x_adv.detach(), x[todo])
                 if sub.queries is not None:
                     queries[todo] = sub.queries

@@ -353,8 +353,8 @@ class Square(Attack):
         n, c, h, w = x.shape
         eps = self.threat.eps
         mask = _window_masks(h, w, draws.side, draws.top, draws.left)
-        if self.threat.norm == "linf":
-            return self.threat.clip(x_best + mask * (2 * eps * draws.signs[:, :, None, None]), x)
+        if self.threat.norm == "linf":  # the window moves to a vertex x ± eps (clipped to the box)
+            return torch.where(mask, (x + eps * draws.signs[:, :, None, None]).clamp(0, 1), x_best)
         out = torch.empty_like(x)
         for s in draws.side.unique().tolist():  # the L2 step reshapes windows: one side at a time
             keep = (draws.side == s).nonzero().flatten()

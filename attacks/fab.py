@@ -67,22 +67,19 @@ def _saturation_level(weights: torch.Tensor, caps: torch.Tensor, c: torch.Tensor
     time); rows still moving after ``max_steps`` are solved by the sort (:func:`_saturation_level_sorted`).
     """
     at_caps = weights * caps
-
-    def newton(lam: torch.Tensor) -> torch.Tensor:
-        free = caps > lam[:, None]
-        slope = (weights * free).sum(1)
-        below = (at_caps * ~free).sum(1)  # the sum is below + slope·lam
-        stuck = torch.where(below >= c, lam, torch.full_like(lam, float("inf")))  # no free weight left
-        return torch.where(slope > 0, ((c - below) / slope.clamp_min(1e-30)).maximum(lam), stuck)
-
     lam = torch.zeros_like(c)
+    free = caps > 0
     for _ in range(max_steps):
-        new = newton(lam)
-        if torch.equal(new, lam):  # the same saturated set gives the same root: exact
+        slope = torch.where(free, weights, 0).sum(1)
+        below = torch.where(free, 0, at_caps).sum(1)  # the sum is below + slope·lam
+        stuck = torch.where(below >= c, lam, torch.full_like(lam, float("inf")))  # no free weight left
+        lam = torch.where(slope > 0, ((c - below) / slope.clamp_min(1e-30)).maximum(lam), stuck)
+        now_free = caps > lam[:, None]
+        moving = (now_free != free).any(1)  # the saturated set grew: not yet the root
+        if not moving.any():
             return lam
-        lam = new
-    todo = newton(lam) != lam
-    lam[todo] = _saturation_level_sorted(weights[todo], caps[todo], c[todo])
+        free = now_free
+    lam[moving] = _saturation_level_sorted(weights[moving], caps[moving], c[moving])
     return lam
 
 

@@ -33,7 +33,8 @@ transfer semantics of :func:`~robustkit.attacks.transfer.craft_transfer`: the fu
 point, surrogate in eval mode, no gradient ever reaches a surrogate's parameters (they are frozen
 once loaded). ``steps`` / ``step_size`` (``--attack-steps``/``--attack-step-size``) override the
 source attacks' own defaults (PGD: 10 steps of 2.5·eps/steps from a random start). The ``exp``
-weights are not part of the epoch checkpoint: a resumed ``exp`` run restarts them uniform.
+smoothed losses and the per-source pick counts are buffers of the strategy's ``aux`` module
+(:class:`SourceStats`), so they are in every epoch checkpoint and a resumed run continues them.
 """
 
 from __future__ import annotations
@@ -125,9 +126,17 @@ class PubDef(TrainingStrategy):
         self.exp_alpha = float(exp_alpha)
         self._models: list[tuple[str, nn.Module, str]] | None = None
         self._attacks: dict[str, Any] = {}
-        k = len(self.surrogates) * len(self.attack_names)
-        self.moving_loss = torch.full((k,), 1.0 / k)  # ``exp``: smoothed per-source loss
-        self.picks = torch.zeros(k, dtype=torch.long)  # how often each source was trained on
+        self.aux = SourceStats(len(self.surrogates) * len(self.attack_names))
+
+    @property
+    def moving_loss(self) -> torch.Tensor:
+        """``exp``: the smoothed mean loss of each source."""
+        return self.aux.moving_loss
+
+    @property
+    def picks(self) -> torch.Tensor:
+        """How often each source was trained on."""
+        return self.aux.picks
 
     # -- the pool ------------------------------------------------------------------------
     def _build_attack(self, name: str) -> Any:
@@ -187,7 +196,7 @@ class PubDef(TrainingStrategy):
             logits = model(torch.cat([x, x_adv])).float()
             clean = F.cross_entropy(logits[:n], y)
             transfer = F.cross_entropy(logits[n:], y)
-            self.picks += torch.bincount(choice.cpu(), minlength=k)
+            self.picks.add_(torch.bincount(choice, minlength=k).to(self.picks))
             adv_logits = logits[n:]
         else:
             advs = [self.craft(j, x, y, seed + j) for j in range(k)]
@@ -197,17 +206,17 @@ class PubDef(TrainingStrategy):
             if self.selection == "top1":
                 worst = per.detach().argmax(0)
                 transfer = per.gather(0, worst[None]).mean()
-                self.picks += torch.bincount(worst.cpu(), minlength=k)
+                self.picks.add_(torch.bincount(worst, minlength=k).to(self.picks))
                 adv_logits = logits[n:].view(k, n, -1)[worst, torch.arange(n, device=x.device)]
             else:
                 means = per.mean(1)
                 if self.selection == "exp":
-                    self.moving_loss = (1 - self.exp_alpha) * self.moving_loss + self.exp_alpha * means.detach().cpu()
+                    self.moving_loss.lerp_(means.detach().to(self.moving_loss), self.exp_alpha)
                     weights = (self.moving_loss / self.moving_loss.sum()).to(means)
                 else:
                     weights = torch.full_like(means, 1.0 / k)
                 transfer = (weights * means).sum()
-                self.picks += n
+                self.picks.add_(n)
                 adv_logits = logits[n:n + n]
         loss = self.clean_weight * clean + (1 - self.clean_weight) * transfer
         parts = {"task": float(loss.detach()), "clean": float(clean.detach()), "transfer": float(transfer.detach())}
@@ -237,6 +246,16 @@ class PubDef(TrainingStrategy):
         if self.tricks.tricks:
             cfg["tricks"] = list(self.tricks.tricks)
         return cfg
+
+
+class SourceStats(nn.Module):
+    """PubDef's per-source state as buffers (no parameters), saved with the model in every epoch
+    checkpoint (``aux.safetensors``): the smoothed losses of ``exp`` and the pick counts."""
+
+    def __init__(self, sources: int):
+        super().__init__()
+        self.register_buffer("moving_loss", torch.full((sources,), 1.0 / sources))
+        self.register_buffer("picks", torch.zeros(sources, dtype=torch.long))
 
 
 def _check_surrogate(name: str | nn.Module, checkpoint: str | None) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file as load_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
@@ -261,3 +262,33 @@ def test_train_pubdef_cli_saves_a_checkpoint_that_eval_transfer_reads(capsys: py
     assert [r["attack"] for r in rows] == [f"{a}@digits-cnn" for a in TRANSFER_SUITE] + [TRANSFER]
     code, _, err = cli(capsys, "train", "pubdef", "--epochs", "1", "--out", str(tmp_path / "x"))
     assert code == 2 and "--surrogate NAME" in err and "Traceback" not in err
+
+
+def test_exp_source_weights_survive_a_resume(other_surrogate: str, tmp_path: Path) -> None:
+    """A run stopped after its first epoch checkpoint and resumed ends with exactly the weights,
+    smoothed source losses and pick counts of an uninterrupted run (they are checkpointed)."""
+    from robustkit.defenses.pubdef import train_pubdef
+
+    def config(out: Path, resume: bool = False) -> PubDefConfig:
+        return PubDefConfig(surrogate=["digits-cnn", "digits-cnn"], surrogate_checkpoint=[None, other_surrogate],
+                            selection="exp", n_examples=64, batch_size=32, epochs=2, eps=0.2, attack_steps=2,
+                            val_size=0, device="cpu", out=str(out), resume=resume)
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_second_epoch(event) -> None:  # noqa: ANN001
+        if event.kind == "step" and event.epoch == 1:
+            raise Stop
+
+    whole = train_pubdef(config(tmp_path / "whole"))
+    with pytest.raises(Stop):
+        train_pubdef(config(tmp_path / "split"), progress=stop_in_second_epoch)
+    stats = load_state_dict(tmp_path / "split" / "checkpoint" / "epoch-0001" / "aux.safetensors")
+    assert set(stats) == {"moving_loss", "picks"} and int(stats["picks"].sum()) == 2 * 64
+    resumed = train_pubdef(config(tmp_path / "split", resume=True))
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert resumed.aux is not None and whole.aux is not None
+    assert torch.equal(resumed.aux.picks, whole.aux.picks) and int(resumed.aux.picks.sum()) == 2 * 2 * 64
+    assert torch.equal(resumed.aux.moving_loss, whole.aux.moving_loss)

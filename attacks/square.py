@@ -143,35 +143,38 @@ class _DrawTable:
         self.n, self.c, self.h, self.w = x.shape
         self.device, self.dtype = x.device, x.dtype
         self.l2 = attack.threat.norm == "l2"
-        self.columns: dict[str, torch.Tensor] = {}
+        self.side = torch.zeros(0, dtype=torch.long, device=self.device)  # per iteration
+        self.columns: dict[str, torch.Tensor] = {}  # per (iteration, image), small integer types
         self.made = 0  # iterations drawn so far
 
     def extend(self) -> None:
         t = torch.arange(self.made, self.made + self.CHUNK)
         side = torch.tensor([self.attack.window_size(int(i), self.h, self.w) for i in t], device=self.device)
-        new = {"side": side[:, None].expand(-1, self.n)}
+        new = {}
 
         def corner(room: torch.Tensor) -> torch.Tensor:  # in [0, room), as the reference's random_int
             u = torch.rand(self.CHUNK, self.n, generator=self.generator, device=self.device)
-            return (u * room[:, None]).long().clamp_max(room[:, None] - 1)
+            return (u * room[:, None]).long().clamp_max(room[:, None] - 1).to(torch.int32)
 
         rows, cols = (self.h - side).clamp_min(1), (self.w - side).clamp_min(1)  # 0 when the window fills
         new["top"], new["left"] = corner(rows), corner(cols)
         if self.l2:
             new["top2"], new["left2"] = corner(rows), corner(cols)
-            new["flip"] = torch.randint(0, 2, (self.CHUNK, self.n), generator=self.generator, device=self.device)
+            new["flip"] = torch.randint(0, 2, (self.CHUNK, self.n), generator=self.generator, device=self.device,
+                                        dtype=torch.int8)
         bits = torch.randint(0, 2, (self.CHUNK, self.n, self.c), generator=self.generator, device=self.device)
         new["signs"] = (2 * bits - 1).to(torch.int8)
         self.columns = {k: torch.cat([self.columns[k], v]) if self.columns else v for k, v in new.items()}
+        self.side = torch.cat([self.side, side])
         self.made += self.CHUNK
 
     def pick(self, t: torch.Tensor, image: torch.Tensor) -> _Draws:
         """The draws of iteration ``t[i]`` for image ``image[i]``, one row per pair."""
         while self.made <= int(t.max()):
             self.extend()
-        got = {k: v[t, image] for k, v in self.columns.items()}
+        got = {k: v[t, image].long() for k, v in self.columns.items()}
         got["signs"] = got["signs"].to(self.dtype)
-        return _Draws(**got)
+        return _Draws(side=self.side[t], **got)
 
 
 @dataclass

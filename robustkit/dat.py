@@ -55,7 +55,7 @@ from torch.utils.data.distributed import DistributedSampler
 from . import distributed
 from .co_detector import CODetector
 from .compression import COMPRESSIONS, check_bucket, levels, register_compression
-from .data import Dataset, images_to_tensor, load_dataset
+from .data import Dataset, images_to_tensor, load_dataset, load_held_out
 from .errors import DataError, UsageError, UserError
 from .evaluate import check_model_fits, resolve_device
 from .models import ZooModel
@@ -404,10 +404,8 @@ class _DATRun:
             y = torch.cat([y, torch.full((len(extra),), UNLABELED, dtype=y.dtype)])
         val = None
         if config.val_size and self.rank == 0:
-            vfull = load_dataset(config.val_dataset or config.dataset, data_dir=config.data_dir,
-                                 split=config.val_split)
-            k = min(config.val_size, len(vfull))
-            val = Dataset(vfull.name, vfull.x[:k].clone(), vfull.y[:k].clone(), vfull.num_classes)
+            val = load_held_out(config.val_dataset or config.dataset, data_dir=config.data_dir,
+                                split=config.val_split, size=config.val_size)
         return data, x, y, val
 
     # -- the run ------------------------------------------------------------------------------------

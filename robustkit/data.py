@@ -187,3 +187,11 @@ def load_dataset(
             raise DataError(f"--n-examples {n_examples} is larger than the {len(y)} {split} images of {canonical}.")
         x, y = x[:n_examples], y[:n_examples]
     return Dataset(canonical, x, y, num_classes)
+
+
+def load_held_out(name: str, *, data_dir: str | Path | None, split: str, size: int) -> Dataset:
+    """The first ``size`` images of a dataset (all of them when it has fewer), copied out of the
+    full split: the held-out set of a training run."""
+    full = load_dataset(name, data_dir=data_dir, split=split)
+    k = min(size, len(full))
+    return Dataset(full.name, full.x[:k].clone(), full.y[:k].clone(), full.num_classes)

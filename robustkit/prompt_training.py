@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .data import Dataset, load_dataset
+from .data import Dataset, load_dataset, load_held_out
 from .errors import UsageError
 from .prompting import (
     LABEL_MAPS,
@@ -252,9 +252,8 @@ def train_prompt(config: PromptConfig, *, backbone: nn.Module | None = None, dat
     if data is None:
         data = load_dataset(config.dataset, data_dir=config.data_dir, split=config.split, n_examples=config.n_examples)
     if val is None and config.val_size:
-        full = load_dataset(config.val_dataset or config.dataset, data_dir=config.data_dir, split=config.val_split)
-        k = min(config.val_size, len(full))
-        val = Dataset(full.name, full.x[:k].clone(), full.y[:k].clone(), full.num_classes)
+        val = load_held_out(config.val_dataset or config.dataset, data_dir=config.data_dir, split=config.val_split,
+                            size=config.val_size)
 
     torch.manual_seed(config.seed)
     model, kind = build_prompted_model(config, backbone, data, device)

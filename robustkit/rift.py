@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Dataset, load_dataset
+from .data import Dataset, load_dataset, load_held_out
 from .errors import UsageError
 from .models import ZooModel, load_model
 from .threat import ThreatModel, parse_eps
@@ -500,9 +500,8 @@ def load_at_model(config: RiftConfig, data: Dataset) -> tuple[ZooModel, dict[str
 
 def _datasets(config: RiftConfig) -> tuple[Dataset, Dataset]:
     data = load_dataset(config.dataset, data_dir=config.data_dir, split=config.split, n_examples=config.n_examples)
-    vfull = load_dataset(config.val_dataset or config.dataset, data_dir=config.data_dir, split=config.val_split)
-    k = min(config.val_size, len(vfull))
-    return data, Dataset(vfull.name, vfull.x[:k].clone(), vfull.y[:k].clone(), vfull.num_classes)
+    return data, load_held_out(config.val_dataset or config.dataset, data_dir=config.data_dir,
+                               split=config.val_split, size=config.val_size)
 
 
 def run_rift(config: RiftConfig, *, progress: ProgressFn | None = None, model: ZooModel | None = None,

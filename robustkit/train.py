@@ -48,7 +48,7 @@ from torch import nn
 
 from . import __version__
 from .co_detector import COCheck, CODetector
-from .data import Dataset, load_dataset
+from .data import Dataset, load_dataset, load_held_out
 from .errors import CheckpointError, UsageError
 from .evaluate import check_model_fits, resolve_device
 from .models import (
@@ -659,10 +659,8 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
     data = load_dataset(config.dataset, data_dir=config.data_dir, split=config.split, n_examples=config.n_examples)
     val = None
     if config.val_size:
-        vname = config.val_dataset or config.dataset
-        vfull = load_dataset(vname, data_dir=config.data_dir, split=config.val_split)
-        k = min(config.val_size, len(vfull))
-        val = Dataset(vfull.name, vfull.x[:k].clone(), vfull.y[:k].clone(), vfull.num_classes)
+        val = load_held_out(config.val_dataset or config.dataset, data_dir=config.data_dir, split=config.val_split,
+                            size=config.val_size)
 
     torch.manual_seed(config.seed)
     zoo = model if model is not None else build_training_model(config, data)

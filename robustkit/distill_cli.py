@@ -40,9 +40,6 @@ _DISTILL_OPTIONS: list[tuple[str, str, Any, str]] = [
 @click.option("--trick", "tricks", multiple=True, help="FGSM-AT trick (repeatable): stride, smooth-act, weight-reg.")
 @click.option("--eval", "eval_attacks", multiple=True, help="Evaluate the final student with these attacks "
               "(repeatable or comma-separated) and write leaderboard rows.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Read options from this YAML file.")
-@click.option("--dump-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
-@click.option("--quiet", is_flag=True, help="No progress display.")
 @train_options(_DISTILL_OPTIONS + [o for o in VALUE_OPTIONS if o[0] not in _NOT_HERE])
 @click.pass_context
 def train_distill_cmd(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval_attacks: tuple[str, ...],

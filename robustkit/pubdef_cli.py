@@ -32,9 +32,6 @@ SELECTION_HELP = ("Source selection per batch: random (default; one source drawn
 @click.option("--trick", "tricks", multiple=True, help="FGSM-AT trick (repeatable): stride, smooth-act, weight-reg.")
 @click.option("--eval", "eval_attacks", multiple=True, help="Evaluate the final checkpoint (white-box) with these "
               "attacks and write leaderboard rows.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Read options from this YAML file.")
-@click.option("--dump-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
-@click.option("--quiet", is_flag=True, help="No progress display.")
 @train_options(VALUE_OPTIONS)
 def train_pubdef_cmd(tricks: tuple[str, ...], eval_attacks: tuple[str, ...], config_file: str | None,
                      dump_config: bool, quiet: bool, **options: Any) -> None:

@@ -90,14 +90,18 @@ FLAG_OPTIONS = [("--resume", "resume", "Continue the run in --out from its last 
 
 
 def train_options(values: list[tuple[str, str, Any, str]]) -> Any:
-    """Decorator: the value options ``values`` (default None: the config's) and the flag options."""
+    """Decorator: ``--config``, ``--dump-config`` and ``--quiet``, the value options ``values``
+    (default None: the config's) and the flag options."""
 
     def add(fn: Any) -> Any:
         for opt, dest, typ, help_text in reversed(values):
             fn = click.option(opt, dest, type=typ, default=None, help=help_text)(fn)
         for opt, dest, help_text in reversed(FLAG_OPTIONS):
             fn = click.option(opt, dest, is_flag=True, default=False, help=help_text)(fn)
-        return fn
+        fn = click.option("--quiet", is_flag=True, help="No progress display.")(fn)
+        fn = click.option("--dump-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")(fn)
+        return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                            help="Read options from this YAML file.")(fn)
 
     return add
 
@@ -108,9 +112,6 @@ def train_options(values: list[tuple[str, str, Any, str]]) -> Any:
               help="FGSM-AT trick (repeatable): mask, stride, smooth-act, weight-reg.")
 @click.option("--eval", "eval_attacks", multiple=True, help="Evaluate the final checkpoint with these attacks "
               "(repeatable or comma-separated) and write leaderboard rows.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Read options from this YAML file.")
-@click.option("--dump-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
-@click.option("--quiet", is_flag=True, help="No progress display.")
 @train_options(VALUE_OPTIONS + _DAT_OPTIONS)
 @click.pass_context
 def train_cmd(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval_attacks: tuple[str, ...],

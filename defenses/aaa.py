@@ -167,14 +167,14 @@ class AAA(nn.Module):
         return margin - SINE_AMPLITUDE * tau * torch.sin(phase)
 
     def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
-        """AAA's logits for the model's ``logits`` (N, K): float32, detached. Rows are optimized
+        """AAA's logits for the model's ``logits`` (N, K): float32 (float64 for float64 logits), detached. Rows are optimized
         independently; the argmax is *not* yet guaranteed here (:meth:`forward` does that).
 
         ``steps`` Adam updates (``torch.optim.Adam``'s, betas 0.9 / 0.999, eps 1e-8, as the
         reference) from the logits, with the loss's gradient written out (:func:`aaa_loss_grad`):
         no autograd graph, so it runs the same under ``no_grad`` / ``inference_mode``, and a few
         times faster than autograd on the small (N, K) tensors of a query."""
-        z = logits.detach().float()
+        z = logits.detach().to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
         top_orig = z.argmax(1, keepdim=True)
         p_top_orig = F.softmax(z / self.temperature, dim=1).max(1).values
         top2 = z.topk(2, dim=1).values
@@ -202,7 +202,7 @@ class AAA(nn.Module):
         if len(z) == 0:
             self.last_fallbacks = 0
             return z
-        delta = (self.postprocess(z) - z.detach().float()).to(z.dtype)
+        delta = (self.postprocess(z) - z.detach()).to(z.dtype)
         out = z + delta
         bad = (out.detach().argmax(1) != z.detach().argmax(1)) | ~torch.isfinite(out.detach()).all(1)
         if bad.any():  # keep the model's logits there: the prediction must never change

@@ -72,6 +72,9 @@ def _labels(y: np.ndarray, n: int, source: str) -> torch.Tensor:
         raise DataError(f"{source}: labels must be a vector of {n} integers, got shape {y.shape}.")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}.")
+    if y.size and y.min() < 0:
+        raise DataError(f"{source}: labels must be class indices 0, 1, 2, ..., found {int((y < 0).sum())} "
+                        f"negative label(s) (smallest {int(y.min())}).")
     return torch.from_numpy(y.astype(np.int64))
 
 

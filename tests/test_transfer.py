@@ -195,7 +195,7 @@ def test_attacks_break_points_and_stay_in_the_ball(cls: type, batch: tuple) -> N
 @pytest.mark.parametrize("cls", [MIFGSM, DIFGSM, TIFGSM, MDTIFGSM])
 def test_early_stop_only_saves_compute(cls: type, batch: tuple) -> None:
     x, y = batch
-    model = tiny_cnn()
+    x, model = x.double(), tiny_cnn().double()  # float64: batch composition cannot flip a sign by rounding
     threat = ThreatModel("linf", 2 / 255)  # points break at different steps
     a = cls(threat, seed=4, early_stop=True)(model, x, y)
     b = cls(threat, seed=4, early_stop=False)(model, x, y)
@@ -215,7 +215,7 @@ def test_seeded_diversity_is_reproducible(batch: tuple) -> None:
 def test_freeze_at_first_adversarial_iterate(batch: tuple) -> None:
     """A point broken after s steps is returned as the s-step iterate, not the 10-step one."""
     x, y = batch
-    model = tiny_cnn()
+    x, model = x.double(), tiny_cnn().double()  # float64: batch composition cannot flip a sign by rounding
     threat = ThreatModel("linf", 2 / 255)
     full = MIFGSM(threat, step_size=0.5 / 255)(model, x, y)
     broken_before = torch.zeros(len(x), dtype=torch.bool)

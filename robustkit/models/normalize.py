@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 
 MeanStd = tuple[tuple[float, ...], tuple[float, ...]]
 
@@ -48,6 +48,10 @@ class Normalize(nn.Module):
         return self.mean.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:  # never broadcast 1 channel to 3 silently
+            raise DataError(f"The model takes {self.channels}-channel images (N×{self.channels}×H×W), got shape "
+                            f"{tuple(x.shape)}; robustkit never broadcasts grayscale to RGB: give data with "
+                            f"{self.channels} channels.")
         return (x - self.mean) / self.std
 
     def extra_repr(self) -> str:

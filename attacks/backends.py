@@ -67,6 +67,7 @@ class TorchAttacks(Attack):
     """Any torchattacks attack by class name (``torchattacks:PGD``; default PGD, or PGDL2 under L2);
     ``options`` go to its constructor."""
 
+    open_options = True  # every other option goes to the torchattacks class (attack_spec.option_hints)
     name = "torchattacks"
     supported_norms = ("linf", "l2")
     supports_targeted = False

@@ -141,6 +141,7 @@ class FGSM(PGD):
     (Linf), or the one-step L2 fast gradient method. ``random_start`` gives FGSM-RS."""
 
     name = "fgsm"
+    fixed_options = ("steps",)  # one step by definition: not an option (see attack_spec.option_hints)
 
     def __init__(self, threat: ThreatModel, *, step_size: float | None = None, random_start: bool = False,
                  loss: str = "ce", **kwargs: Any):

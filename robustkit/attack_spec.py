@@ -11,6 +11,10 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import types
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,9 +89,93 @@ def with_backend(name: str, backend: str) -> str:
     return f"pyautoattack:{name}"
 
 
+def option_hints(cls: type) -> dict[str, Any] | None:
+    """The keyword options an attack class takes, with their type hints, following ``**kwargs``
+    up the class chain; None for a class that forwards options it cannot name (``open_options``,
+    a library backend). A class's ``fixed_options`` (FGSM's ``steps``) are not options of it."""
+    if getattr(cls, "open_options", False):
+        return None
+    hints: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[2:]  # self, threat
+        types_of = typing.get_type_hints(init)
+        for p in params:
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+                hints.setdefault(p.name, types_of.get(p.name, Any))
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    fixed = set(getattr(cls, "fixed_options", ()))
+    return {k: v for k, v in hints.items() if k not in fixed}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    hint = typing.get_origin(hint) or hint
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a text", type(None): "none",
+             list: "a list", dict: "a mapping"}
+    return names.get(typing.get_origin(hint) or hint, str(hint))
+
+
+def check_options(attack: str, cls: type, options: dict[str, Any]) -> None:
+    """Unknown options and values of the wrong type, as one sentence naming the option."""
+    hints = option_hints(cls)
+    if hints is None:
+        return
+    for key, value in options.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=2, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise UsageError(f"{attack} has no option {key!r}.{hint} Its options: {', '.join(sorted(hints))}.")
+        if not _fits(value, hints[key]):
+            raise UsageError(f"The option {key} of {attack} takes {_describe(hints[key])}, got {value!r}.")
+
+
+def _takes(attack: str, key: str) -> bool:
+    hints = option_hints(ATTACKS.get(attack.partition(":")[0]))
+    return hints is None or key in hints
+
+
+def check_options_used(attacks: Sequence[str], kwargs: dict[str, Any]) -> None:
+    """Every option must reach an attack of the run: ``a.key`` needs attack (or cascade stage) ``a``
+    in the run, a plain key at least one attack that takes it."""
+    bases = {a.partition(":")[0] for a in attacks}
+    cascade = any(getattr(ATTACKS.get(b), "list_variant", False) and b != "pyautoattack" for b in bases)
+    for key in kwargs:
+        prefix, dot, name = key.rpartition(".")
+        if name == "seed":
+            raise UsageError(f"--attack-kwargs {key}: every attack is seeded from --seed; set that instead.")
+        if dot:
+            target = ATTACKS.canonical(prefix)
+            if target not in bases and canonical_attack(prefix) not in attacks and not (cascade and target in STAGES):
+                raise UsageError(f"--attack-kwargs {key}: {prefix} is not in this run (attacks: {', '.join(attacks)}).")
+        elif not any(_takes(a, key) for a in attacks):
+            known = sorted({k for a in attacks for k in option_hints(ATTACKS.get(a.partition(":")[0])) or ()})
+            close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise UsageError(f"No attack of this run ({', '.join(attacks)}) takes the option {key!r}.{hint}")
+
+
 def options_for(attack: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The options meant for ``attack``: plain keys, ``attack.key``, and for a cascade its stages'
-    ``stage.key`` as ``stage_options``."""
+    """The options meant for ``attack``: plain keys it takes, ``attack.key``, and for a cascade its
+    stages' ``stage.key`` as ``stage_options``."""
     out: dict[str, Any] = {}
     stages: dict[str, dict[str, Any]] = {}
     base = attack.partition(":")[0]
@@ -95,7 +183,8 @@ def options_for(attack: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     for key, value in kwargs.items():
         prefix, dot, name = key.rpartition(".")
         if not dot:
-            out[key] = value
+            if _takes(attack, key):
+                out[key] = value
         elif canonical_attack(prefix) in (attack, base):
             out[name] = value
         elif cascade and ATTACKS.canonical(prefix) in STAGES:
@@ -111,6 +200,9 @@ def build_attack(name: str, threat: ThreatModel, *, seed: int = 0, **kwargs: Any
     cls = ATTACKS.get(base)
     if sep:
         kwargs = {**cls.variant_options(variant), **kwargs}
+    check_options(name, cls, {k: v for k, v in kwargs.items() if k != "stage_options"})
+    for stage, options in kwargs.get("stage_options", {}).items():
+        check_options(f"{stage} in {name}", ATTACKS.get(stage), options)
     try:
         return cls(threat, seed=seed, **kwargs)
     except TypeError as e:

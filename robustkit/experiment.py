@@ -31,7 +31,8 @@ from . import __version__
 from . import diagnostics as diag
 from . import distributed as dist
 from .attack import Attack
-from .attack_spec import build_attack, canonical_attack, options_for, parse_kwargs, split_attacks, with_backend
+from .attack_spec import (build_attack, canonical_attack, check_options_used, options_for, parse_kwargs, split_attacks,
+                          with_backend)
 from .data import Dataset, load_dataset
 from .errors import UsageError
 from .evaluate import BatchStore, EvalResult, ProgressFn, evaluate, merge_results, resolve_device
@@ -232,6 +233,7 @@ class Grid:
                     names.append(n)
                 if a.strip().lower() == TRANSFER:
                     suite.add(n)
+        check_options_used(names, self.spec.attack_kwargs)
         attacks = [(n, build_attack(n, threat, seed=self.spec.seed, **options_for(n, self.spec.attack_kwargs)))
                    for n in names]
         surrogates = getattr(self, "surrogates", [])

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from robustkit import __version__
 from robustkit.cli import main
+from robustkit.leaderboard import Leaderboard
 from robustkit.models import build_model
 
 from conftest import shared_file
@@ -118,7 +119,14 @@ def test_eval_json_and_fraction_eps(capsys: pytest.CaptureFixture, db: str) -> N
         (["--eps", "8"], 2, ["at most 1", "8/255"]),
         (["--eps", "eight"], 2, ["Cannot read eps 'eight'"]),
         (["--n-examples", "5000"], 1, ["--n-examples 5000 is larger than the 500 test images of digits"]),
-        (["--attack-kwargs", "stepz=3"], 2, ["Bad options for attack pgd"]),
+        (["--attack-kwargs", "stepz=3"], 2, ["No attack of this run (pgd) takes the option 'stepz'", "steps"]),
+        (["--attack", "fgsm", "--attack-kwargs", "pgd.steps=3"], 2, ["pgd.steps: pgd is not in this run"]),
+        (["--attack-kwargs", "steps=abc"], 2, ["The option steps of pgd takes an integer, got 'abc'"]),
+        (["--attack-kwargs", "restarts=1.5"], 2, ["The option restarts of pgd takes an integer, got 1.5"]),
+        (["--attack", "autoattack", "--attack-kwargs", "square.n_queries=x"], 2, ["n_queries of square in autoattack"]),
+        (["--attack", "autoattack", "--attack-kwargs", "square.n_querie=3"], 2, ["no option 'n_querie'", "n_queries"]),
+        (["--attack-kwargs", "seed=3"], 2, ["seeded from --seed"]),
+        (["--model", "resnet20"], 1, ["takes 3-channel images", "(2, 1, 8, 8)", "never broadcasts grayscale"]),
         (
             ["--checkpoint", "/nonexistent/w.safetensors"],
             1,
@@ -128,6 +136,15 @@ def test_eval_json_and_fraction_eps(capsys: pytest.CaptureFixture, db: str) -> N
 )
 def test_user_errors(capsys: pytest.CaptureFixture, db: str, args: list[str], code: int, fragments: list[str]) -> None:
     assert_user_error(*run(capsys, "eval", "--db", db, *args)[::2], code, *fragments)
+    assert not Path(db).exists() or not Leaderboard(db).rows()  # nothing written
+
+
+def test_a_plain_option_goes_to_the_attacks_that_take_it(capsys: pytest.CaptureFixture, db: str) -> None:
+    code, _, err = run(capsys, "eval", "--db", db, "--attack", "fgsm,pgd", "--attack-kwargs", "steps=3",
+                       "--n-examples", "20", "--quiet")
+    assert code == 0, err
+    configs = {r.attack: r.attack_config for r in Leaderboard(db).rows()}
+    assert configs["pgd"]["steps"] == 3 and "steps" not in configs["fgsm"]
 
 
 def test_dataset_missing_from_data_dir(capsys: pytest.CaptureFixture, db: str, tmp_path: Path) -> None:
@@ -174,6 +191,16 @@ def test_bad_npz_inputs(capsys: pytest.CaptureFixture, db: str, tmp_path: Path, 
     np.savez(path, x=x, y=np.zeros(4, dtype=np.int64))
     code, _, err = run(capsys, "eval", "--db", db, "--dataset", f"npz:{path}")
     assert_user_error(code, err, 1, fragment)
+
+
+@pytest.mark.parametrize("y,fragment", [(np.arange(4) - 20, "4 negative label(s) (smallest -20)"),
+                                        (np.array([0, -1, 2, 3]), "1 negative label(s) (smallest -1)")])
+def test_negative_labels(capsys: pytest.CaptureFixture, db: str, tmp_path: Path, y: np.ndarray, fragment: str) -> None:
+    path = tmp_path / "neg.npz"
+    np.savez(path, x=np.zeros((4, 8, 8), dtype=np.uint8), y=y)
+    code, _, err = run(capsys, "eval", "--db", db, "--dataset", f"npz:{path}")
+    assert_user_error(code, err, 1, "labels must be class indices", fragment)
+    assert not Leaderboard(db).rows()
 
 
 def test_model_that_does_not_fit_the_images(capsys: pytest.CaptureFixture, db: str, tmp_path: Path) -> None:

@@ -167,8 +167,8 @@ class AAA(nn.Module):
         return margin - SINE_AMPLITUDE * tau * torch.sin(phase)
 
     def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
-        """AAA's logits for the model's ``logits`` (N, K): float32 (float64 for float64 logits), detached. Rows are optimized
-        independently; the argmax is *not* yet guaranteed here (:meth:`forward` does that).
+        """AAA's logits for the model's ``logits`` (N, K): float32 (float64 for float64 logits),
+        detached. Rows are optimized independently; the argmax is *not* yet guaranteed here (:meth:`forward` does that).
 
         ``steps`` Adam updates (``torch.optim.Adam``'s, betas 0.9 / 0.999, eps 1e-8, as the
         reference) from the logits, with the loss's gradient written out (:func:`aaa_loss_grad`):

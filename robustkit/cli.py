@@ -186,7 +186,8 @@ class ProgressBars:
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]")
 @click.option("--diagnose/--no-diagnose", default=None, help="Gradient-masking and sanity checks (on for autoattack).")
 @click.option("--records", "records_dir", type=click.Path(file_okay=False),
-              help="Folder for per-sample records (default ~/.robustkit/records).")
+              help="Folder for per-sample records (default: records/ in the leaderboard file's folder, "
+              "~/.robustkit/records for the default leaderboard; the resumable batch cache goes there too, in runs/).")
 @click.option("--save-adv", type=click.Path(file_okay=False), help="Store adversarial examples here (safetensors).")
 @click.option("--surrogate", help="Craft the attacks on these models (comma-separated) and score them on --model "
               "(transfer); one row ATTACK@SURROGATE each. With --attack transfer: every transfer attack from "
@@ -355,11 +356,11 @@ def leaderboard_cmd(
     """
     from .leaderboard import Leaderboard, export
 
+    board = Leaderboard(db, create=False)
     if fmt == "robustbench" or compare_with is not None:
-        _robustbench_leaderboard(Leaderboard(db).rows(dataset=dataset, norm=norm, model=model), fmt, output,
-                                 compare_with)
+        _robustbench_leaderboard(board.rows(dataset=dataset, norm=norm, model=model), fmt, output, compare_with)
         return
-    frame = Leaderboard(db).frame(dataset=dataset, norm=norm, model=model)
+    frame = board.frame(dataset=dataset, norm=norm, model=model)
     if fmt == "table" and output is None:
         cols = ["model", "dataset", "norm", "eps_str", "attack", "clean_acc", "robust_acc", "n_examples"]
         table = Table(title=f"leaderboard ({len(frame)} rows)")
@@ -447,7 +448,7 @@ def plot_cmd(metric: str, x_axis: str, output: str, dataset: str | None, norm: s
     from .leaderboard import Leaderboard
     from .plot import plot_leaderboard
 
-    frame = Leaderboard(db).frame(dataset=dataset, norm=norm, model=model)
+    frame = Leaderboard(db, create=False).frame(dataset=dataset, norm=norm, model=model)
     path = plot_leaderboard(frame, output, metric=metric, x=x_axis, attack=attack)
     err.print(Text(f"Wrote {path}."))
 

@@ -382,7 +382,7 @@ class _DATRun:
         config = self.config
         if ckpts is None or not ckpts.exists():
             if config.resume:
-                log.info("No checkpoint in %s; starting a new run.", self.out)
+                log.warning("--resume: %s holds no checkpoint; starting a new run.", self.out)
             return None
         if not config.resume:
             raise UsageError(

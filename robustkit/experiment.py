@@ -31,8 +31,15 @@ from . import __version__
 from . import diagnostics as diag
 from . import distributed as dist
 from .attack import Attack
-from .attack_spec import (build_attack, canonical_attack, check_options_used, options_for, parse_kwargs, split_attacks,
-                          with_backend)
+from .attack_spec import (
+    build_attack,
+    canonical_attack,
+    check_options_used,
+    options_for,
+    parse_kwargs,
+    split_attacks,
+    with_backend,
+)
 from .data import Dataset, load_dataset
 from .errors import UsageError
 from .evaluate import BatchStore, EvalResult, ProgressFn, evaluate, merge_results, resolve_device

@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from .errors import DataError, ResultExistsError, UsageError
+from .paths import check_file, make_dir
 
 SCHEMA_VERSION = 1  # stored in PRAGMA user_version
 BUSY_TIMEOUT_MS = 60_000
@@ -170,9 +171,16 @@ class Leaderboard:
     several threads or passed to forked workers.
     """
 
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path).expanduser() if path is not None else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | Path | None = None, *, create: bool = True) -> None:
+        """Open (with ``create``: create) the store at ``path``; reading commands pass
+        ``create=False`` and get a one-line error for a file that does not exist."""
+        self.path = check_file(path if path is not None else default_path(), "--db")
+        if not create:
+            if not self.path.exists():
+                raise DataError(f"The leaderboard {self.path} does not exist; `robustkit eval` creates it "
+                                "(check --db or $ROBUSTKIT_DB).")
+            return
+        make_dir(self.path.parent, "--db")
         self._init_schema()
 
     @contextmanager
@@ -432,7 +440,7 @@ def export(df: pd.DataFrame, fmt: str, output: str | Path | None = None) -> str:
         )
     text = renderers[fmt]()
     if output is not None:
-        output = Path(output).expanduser()
-        output.parent.mkdir(parents=True, exist_ok=True)
+        output = check_file(output, "--output")
+        make_dir(output.parent, "--output")
         output.write_text(text, encoding="utf-8")
     return text

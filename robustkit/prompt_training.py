@@ -41,6 +41,7 @@ from torch import nn
 from . import __version__
 from .data import Dataset, load_dataset, load_held_out
 from .errors import UsageError
+from .paths import check_dir
 from .prompting import (
     LABEL_MAPS,
     PromptedModel,
@@ -96,6 +97,8 @@ class PromptConfig:
 
     def validate(self) -> None:
         """A one-line UsageError for any value out of range."""
+        if self.out is not None:
+            check_dir(self.out, "--out")
         for name, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
                                  ("--val-size", self.val_size, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -45,7 +45,7 @@ def scaling_cmd(model: str | None, dataset: str | None, norm: str | None, attack
     from .leaderboard import Leaderboard
     from .scaling import plot_scaling, reports_frame, scaling_reports
 
-    frame = Leaderboard(db).frame(dataset=dataset, norm=norm, model=model, attack=attack)
+    frame = Leaderboard(db, create=False).frame(dataset=dataset, norm=norm, model=model, attack=attack)
     reports = scaling_reports(frame, quantity=quantity, level=level)
     if output:
         plot_scaling(reports, output, quantity=quantity)

@@ -52,6 +52,7 @@ from torch import nn
 from .data import Dataset, load_dataset, load_held_out
 from .errors import UsageError
 from .models import ZooModel, load_model
+from .paths import check_dir
 from .threat import ThreatModel, parse_eps
 
 AUGMENTS = ("auto", "crop-flip", "none")
@@ -116,6 +117,8 @@ class RiftConfig:
 
     def validate(self) -> None:
         """A one-line UsageError for any value out of range."""
+        if self.out is not None:
+            check_dir(self.out, "--out")
         self.threat()
         for name, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
                                  ("--val-size", self.val_size, 1), ("--attack-steps", self.attack_steps, 1),

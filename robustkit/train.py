@@ -63,6 +63,7 @@ from .models import (
     parse_normalize,
 )
 from .optim import OPTIMIZERS, SCHEDULES, lr_factor, make_optimizer
+from .paths import check_dir
 from .registry import MODELS
 from .threat import ThreatModel, parse_eps
 
@@ -205,6 +206,8 @@ class TrainConfig:
             raise UsageError(f"--grad-clip must be positive, got {self.grad_clip!r}.")
         if self.n_examples is not None and self.n_examples < 1:
             raise UsageError(f"--n-examples must be at least 1, got {self.n_examples}.")
+        if self.out is not None:
+            check_dir(self.out, "--out")
         if self.eval_attacks:
             if self.out is None:
                 raise UsageError("--eval evaluates the saved checkpoint; give --out as well.")
@@ -654,7 +657,7 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
         saved = ckpts.read_state()
         _check_resumable(saved.get("config", {}), config)
     elif config.resume:
-        log.info("No checkpoint in %s; starting a new run.", out)
+        log.warning("--resume: %s holds no checkpoint; starting a new run.", out)
 
     data = load_dataset(config.dataset, data_dir=config.data_dir, split=config.split, n_examples=config.n_examples)
     val = None

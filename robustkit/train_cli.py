@@ -254,7 +254,10 @@ def run_training(config: Any, quiet: bool, *, runner: Any, show: bool = True) ->
     from .cli import StepBar, err, out
     from .train import TrainEvent
 
-    logging.getLogger("robustkit.train").addHandler(logging.NullHandler())
+    if show:
+        _show_warnings()  # e.g. --resume with no checkpoint, a skipped --eval
+    else:
+        logging.getLogger("robustkit.train").addHandler(logging.NullHandler())
     bar = StepBar()
     state: dict[str, Any] = {"co": False, "pgd": None}
 

@@ -243,3 +243,35 @@ def test_a_model_without_weights_is_flagged(capsys: pytest.CaptureFixture, db: s
     code, out, err = run(capsys, "eval", "--db", db, "--quiet", "--json", "--n-examples", "8")  # packaged weights
     assert code == 0, err
     assert "randomly initialized" not in " ".join(json.loads(out)[0]["warnings"])
+
+
+def test_reading_commands_do_not_create_the_database(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.db"
+    for command in (["leaderboard"], ["leaderboard", "--format", "csv"], ["plot"], ["report", "scaling"]):
+        code, _, err = run(capsys, *command, "--db", str(missing))
+        assert_user_error(code, err, 1, "does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["file/x.db", "file/sub/x.db"])
+def test_db_under_a_file(capsys: pytest.CaptureFixture, tmp_path: Path, where: str) -> None:
+    (tmp_path / "file").write_text("precious")
+    code, _, err = run(capsys, "eval", "--db", str(tmp_path / where), "--n-examples", "10")
+    assert_user_error(code, err, 2, "is a file, not a folder")
+    assert (tmp_path / "file").read_text() == "precious"
+
+
+@pytest.mark.parametrize("out,fragment", [("precious.txt", "is an existing file"),
+                                          ("precious.txt/sub", "is a file, not a folder")])
+def test_train_out_that_is_a_file(capsys: pytest.CaptureFixture, tmp_path: Path, out: str, fragment: str) -> None:
+    (tmp_path / "precious.txt").write_text("precious")
+    code, _, err = run(capsys, "train", "standard", "--epochs", "1", "--out", str(tmp_path / out))
+    assert_user_error(code, err, 2, fragment)
+    assert (tmp_path / "precious.txt").read_text() == "precious"
+
+
+def test_resume_without_a_checkpoint_says_so(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "train", "standard", "--epochs", "1", "--n-examples", "64", "--val-size", "32",
+                       "--out", str(tmp_path / "run"), "--resume", "--quiet")
+    assert code == 0, err
+    assert "warning: --resume:" in err and "holds no checkpoint; starting a new run" in " ".join(err.split())

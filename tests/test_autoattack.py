@@ -80,7 +80,8 @@ def test_names_options_and_backends() -> None:
     kwargs = parse_kwargs("apgd-ce.steps=5,square.n_queries=50,pgd.steps=3,version=plus")
     assert options_for("autoattack:apgd-ce,square", {k: v for k, v in kwargs.items() if k != "version"}) == {
         "stage_options": {"apgd-ce": {"steps": 5}, "square": {"n_queries": 50}}}
-    assert options_for("pgd", kwargs) == {"steps": 3, "version": "plus"}
+    assert options_for("pgd", kwargs) == {"steps": 3}  # a plain option goes only to the attacks that take it
+    assert options_for("autoattack", {"version": "plus"}) == {"version": "plus"}
     attack = build_attack("autoattack:apgd-ce,square", LINF, **options_for("autoattack:apgd-ce,square", kwargs))
     assert stage_configs(attack)["square"]["n_queries"] == 50
 

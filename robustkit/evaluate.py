@@ -130,6 +130,13 @@ def check_model_fits(model: nn.Module, dataset: Dataset, device: torch.device) -
         raise UsageError(f"The model has {out.shape[1]} outputs but {dataset.name} has {dataset.num_classes} classes.")
 
 
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` is done (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 # progress(batches_done, batches_total, robust_so_far, evaluated_so_far)
 ProgressFn = Callable[[int, int, int, int], None]
 
@@ -140,17 +147,17 @@ def _attack_batch(
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Clean prediction and every attack on one batch; returns its per-sample arrays and timings."""
     seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
+    t0 = _clock(x.device)
     with torch.no_grad():
         clean_pred = logits_of(model(x)).argmax(1)
-    seconds["clean"] = time.perf_counter() - t0
+    seconds["clean"] = _clock(x.device) - t0
     correct = (clean_pred == y).nonzero().flatten()
     arrays: dict[str, np.ndarray] = {
         "index": np.arange(start, start + len(y)), "label": y.cpu().numpy(), "clean_pred": clean_pred.cpu().numpy()}
     final_adv = x.clone()
     final_found = torch.zeros(len(y), dtype=torch.bool, device=x.device)
     for name, attack in attacks:
-        t0 = time.perf_counter()
+        t0 = _clock(x.device)
         success = torch.zeros(len(y), dtype=torch.bool, device=x.device)
         queries = torch.full((len(y),), -1, dtype=torch.long, device=x.device)
         norms = torch.zeros(len(y), device=x.device)
@@ -172,7 +179,7 @@ def _attack_batch(
         arrays[f"norm:{name}"] = norms.cpu().numpy()
         for stage, broken in stages.items():
             arrays[f"stage:{name}|{stage}"] = broken.cpu().numpy()
-        seconds[name] = time.perf_counter() - t0
+        seconds[name] = _clock(x.device) - t0
     with torch.no_grad():
         final_pred = logits_of(model(final_adv)).argmax(1) if attacks and len(correct) else clean_pred
     arrays["final_pred"] = final_pred.cpu().numpy()

@@ -21,6 +21,7 @@ from robustkit import ThreatModel
 from robustkit import diagnostics as diag
 from robustkit.attacks import PGD
 from robustkit.cli import main
+from robustkit.evaluate import _clock
 from robustkit.experiment import EvalSpec, run_grid
 from robustkit.leaderboard import Leaderboard
 from robustkit.records import read_records
@@ -211,6 +212,15 @@ def digits_batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         ok = model(data.x).argmax(1) == data.y
     return model, data.x[ok], data.y[ok]
+
+
+def test_batch_timers_wait_for_cuda_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    waited: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", waited.append)
+    _clock(torch.device("cpu"))
+    assert waited == []  # no effect on CPU
+    _clock(torch.device("cuda", 1))
+    assert waited == [torch.device("cuda", 1)]
 
 
 def test_sanity_checks_are_silent_on_a_clean_model(digits_batch: tuple) -> None:

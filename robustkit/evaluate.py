@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -22,6 +23,11 @@ from torch import nn
 from .attack import Attack, logits_of
 from .data import Dataset
 from .errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so concurrent runs of one cell are not kept apart there
+    fcntl = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -71,11 +77,35 @@ class EvalResult:
 
 
 class BatchStore:
-    """Per-batch results on disk, each written atomically, so a killed run resumes where it stopped."""
+    """Per-batch results on disk, each written atomically, so a killed run resumes where it stopped.
+
+    Its lock (:meth:`try_lock`) lets one process at a time compute and then clear the store; the
+    ranks of one sharded run share it under the lock their rank 0 holds.
+    """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock: TextIO | None = None
+
+    def try_lock(self) -> bool:
+        """Take the store's exclusive lock (flock on ``.lock``) without waiting; False when another
+        process (or another store object) holds it. The OS drops it when its process dies."""
+        if fcntl is None:
+            return True
+        if self._lock is None:
+            self._lock = open(self.directory / ".lock", "a")  # noqa: SIM115 (held until unlock)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def unlock(self) -> None:
+        """Release the lock (closing the file releases the flock); a no-op when not held."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _path(self, batch: int) -> Path:
         return self.directory / f"batch_{batch:06d}.npz"

@@ -113,11 +113,11 @@ def test_resume_after_kill_gives_identical_numbers(tmp_path: Path) -> None:
     proc = _run_digits(killed_db)
     runs = killed_db.parent / "runs"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(runs.glob("*/batch_*.npz"))) < 3:
+    while time.time() < deadline and len(list(runs.glob("*/*/batch_*.npz"))) < 3:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(list(runs.glob("*/batch_*.npz")))
+    done_before = len(list(runs.glob("*/*/batch_*.npz")))
     assert 3 <= done_before < 25, "the run was not interrupted in the middle"
     assert Leaderboard(killed_db).rows() == []
     resumed = _run_digits(killed_db)
@@ -130,7 +130,36 @@ def test_resume_after_kill_gives_identical_numbers(tmp_path: Path) -> None:
     assert (a["clean_acc"], a["robust_acc"]) == (b["clean_acc"], b["robust_acc"])
     assert len(Leaderboard(killed_db).rows()) == 1
     assert read_records(a["extra"]["records"]).equals(read_records(b["extra"]["records"]))
-    assert not list(runs.glob("*/batch_*.npz")), "the batch store is cleared once the rows are written"
+    assert not list(runs.glob("*/*/batch_*.npz")), "the batch store is cleared once the rows are written"
+
+
+def test_two_identical_evals_at_once_share_the_work(tmp_path: Path) -> None:
+    args = ["--n-examples", "60", "--batch-size", "10", "--attack-kwargs", "steps=10", "--eps", "0.1,0.2"]
+    db = tmp_path / "b.db"
+    procs = [_run_digits(db, *args), _run_digits(db, *args)]  # two processes, the same cells, started together
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        outs.append(json.loads(out))
+    alone = _run_digits(tmp_path / "alone" / "b.db", *args)
+    ref, err = alone.communicate(timeout=300)
+    assert alone.returncode == 0, err
+    rows = Leaderboard(db).rows()
+    assert sorted(r.eps for r in rows) == [0.1, 0.2]  # one row per cell
+    numbers = {(r["eps"], r["clean_acc"], r["robust_acc"]) for r in json.loads(ref)}
+    for out in outs:  # both report the rows that were computed once, with a single run's numbers
+        assert {(r["eps"], r["clean_acc"], r["robust_acc"]) for r in out} == numbers
+        assert {r["timestamp"] for r in out} == {r.timestamp for r in rows}
+    assert not list((tmp_path / "runs").glob("*/*/batch_*.npz"))
+
+
+def test_two_databases_in_one_folder_have_their_own_batch_caches(tmp_path: Path) -> None:
+    spec = EvalSpec(n_examples=20, attack=["fgsm"], eps=[0.1], batch_size=10)
+    run_grid(spec, db=tmp_path / "a.db")
+    run_grid(spec, db=tmp_path / "b.db")
+    caches = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(caches) == 2 and caches[0].startswith("a-") and caches[1].startswith("b-")
 
 
 def test_sharded_run_equals_single_process(tmp_path: Path) -> None:

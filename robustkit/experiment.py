@@ -252,11 +252,12 @@ class Grid:
     def _rows(self, model: str, sha: str, threat: ThreatModel, attacks: list[tuple[str, Attack]],
               result: EvalResult | None, extra: dict[str, Any]) -> list[ResultRow]:
         nan = float("nan")
-        cells = [(n, a.config(), result.robust_acc(n) if result else nan,
+        batch = {"batch_size": self.spec.batch_size}  # attacks are seeded per batch: a key field, like the seed
+        cells = [(n, {**a.config(), **batch}, result.robust_acc(n) if result else nan,
                   (result.seconds["clean"] + result.seconds[n]) if result else 0.0) for n, a in attacks]
 
         def worst(name: str, chosen: list[tuple[str, Attack]]) -> None:
-            config = {"attacks": [n for n, _ in chosen], "configs": {n: a.config() for n, a in chosen}}
+            config = {"attacks": [n for n, _ in chosen], "configs": {n: a.config() for n, a in chosen}, **batch}
             robust = float(worst_case(result, [n for n, _ in chosen]).mean()) if result else nan
             seconds = (result.seconds["clean"] + sum(result.seconds[n] for n, _ in chosen)) if result else 0.0
             cells.append((name, config, robust, seconds))

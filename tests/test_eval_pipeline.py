@@ -3,6 +3,7 @@ after kill -9, sharded torchrun runs, diagnostics and plots."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -99,6 +100,18 @@ def test_library_grid_and_existing_rows(tmp_path: Path) -> None:
     again = run_grid(spec, db=tmp_path / "b.db")
     assert [len(c.rows) for c in again] == [0, 0] and [len(c.existing) for c in again] == [1, 1]
     assert first[1].rows[0].robust_acc <= first[0].rows[0].robust_acc
+
+
+def test_batch_size_is_part_of_the_cell(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    spec = EvalSpec(n_examples=30, attack=["fgsm", "pgd"], attack_kwargs={"pgd.steps": 3}, eps=[0.1], batch_size=10)
+    first = run_grid(spec, db=db)[0]
+    assert [r.attack_config["batch_size"] for r in first.rows] == [10, 10, 10]  # fgsm, pgd, worst-case
+    other = run_grid(dataclasses.replace(spec, batch_size=16), db=db)[0]
+    assert len(other.rows) == 3 and not other.existing  # another batch size is another cell
+    again = run_grid(spec, db=db)[0]
+    assert not again.rows and again.existing == first.rows  # the same batch size reuses the rows
+    assert len(Leaderboard(db).rows()) == 6
 
 
 def _run_digits(db: Path, *extra: str) -> subprocess.Popen:

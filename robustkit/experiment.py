@@ -428,7 +428,7 @@ def _load(name: str, checkpoint: str | None, spec: EvalSpec) -> torch.nn.Module:
     if rb.is_robustbench(name):
         return load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256,
                           model_dir=spec.model_dir, download=spec.download)
-    return load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256)
+    return load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256, seed=spec.seed)
 
 
 def defense_label(name: str | None, kwargs: dict[str, Any]) -> str:

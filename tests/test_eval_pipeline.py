@@ -114,6 +114,22 @@ def test_batch_size_is_part_of_the_cell(tmp_path: Path) -> None:
     assert len(Leaderboard(db).rows()) == 6
 
 
+def test_random_weights_are_drawn_from_the_seed(tmp_path: Path) -> None:
+    data = shared_file("cifar10_test1000.npz")
+
+    def run(seed: int) -> tuple[float, list[int], list[int]]:
+        spec = EvalSpec(model=["resnet20"], dataset=f"npz:{data}", n_examples=40, attack=["fgsm"], eps=[2 / 255],
+                        seed=seed)
+        cell = run_grid(spec, db=tmp_path / "b.db", overwrite=True)[0]
+        assert "randomly initialized" in cell.warnings[0]
+        records = read_records(cell.records)
+        return cell.rows[0].clean_acc, records["clean_pred"].tolist(), records["final_pred"].tolist()
+
+    first = run(0)
+    assert run(0) == first  # --overwrite recomputes the same numbers
+    assert run(1) != first
+
+
 def _run_digits(db: Path, *extra: str) -> subprocess.Popen:
     args = robustkit_cmd("eval", "--db", str(db), "--quiet", "--json", "--batch-size", "20", "--attack", "pgd",
                          "--attack-kwargs", "steps=40", "--eps", "0.15", *extra)

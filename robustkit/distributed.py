@@ -48,6 +48,15 @@ def gather_to_rank0(obj: Any) -> list[Any] | None:
     return out
 
 
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself outside torchrun), so all ranks decide alike."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -22,6 +23,11 @@ from torch import nn
 from .attack import Attack, logits_of
 from .data import Dataset
 from .errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so concurrent runs of one cell are not kept apart there
+    fcntl = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -71,11 +77,35 @@ class EvalResult:
 
 
 class BatchStore:
-    """Per-batch results on disk, each written atomically, so a killed run resumes where it stopped."""
+    """Per-batch results on disk, each written atomically, so a killed run resumes where it stopped.
+
+    Its lock (:meth:`try_lock`) lets one process at a time compute and then clear the store; the
+    ranks of one sharded run share it under the lock their rank 0 holds.
+    """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock: TextIO | None = None
+
+    def try_lock(self) -> bool:
+        """Take the store's exclusive lock (flock on ``.lock``) without waiting; False when another
+        process (or another store object) holds it. The OS drops it when its process dies."""
+        if fcntl is None:
+            return True
+        if self._lock is None:
+            self._lock = open(self.directory / ".lock", "a")  # noqa: SIM115 (held until unlock)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def unlock(self) -> None:
+        """Release the lock (closing the file releases the flock); a no-op when not held."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _path(self, batch: int) -> Path:
         return self.directory / f"batch_{batch:06d}.npz"
@@ -130,6 +160,13 @@ def check_model_fits(model: nn.Module, dataset: Dataset, device: torch.device) -
         raise UsageError(f"The model has {out.shape[1]} outputs but {dataset.name} has {dataset.num_classes} classes.")
 
 
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` is done (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 # progress(batches_done, batches_total, robust_so_far, evaluated_so_far)
 ProgressFn = Callable[[int, int, int, int], None]
 
@@ -140,17 +177,17 @@ def _attack_batch(
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Clean prediction and every attack on one batch; returns its per-sample arrays and timings."""
     seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
+    t0 = _clock(x.device)
     with torch.no_grad():
         clean_pred = logits_of(model(x)).argmax(1)
-    seconds["clean"] = time.perf_counter() - t0
+    seconds["clean"] = _clock(x.device) - t0
     correct = (clean_pred == y).nonzero().flatten()
     arrays: dict[str, np.ndarray] = {
         "index": np.arange(start, start + len(y)), "label": y.cpu().numpy(), "clean_pred": clean_pred.cpu().numpy()}
     final_adv = x.clone()
     final_found = torch.zeros(len(y), dtype=torch.bool, device=x.device)
     for name, attack in attacks:
-        t0 = time.perf_counter()
+        t0 = _clock(x.device)
         success = torch.zeros(len(y), dtype=torch.bool, device=x.device)
         queries = torch.full((len(y),), -1, dtype=torch.long, device=x.device)
         norms = torch.zeros(len(y), device=x.device)
@@ -172,7 +209,7 @@ def _attack_batch(
         arrays[f"norm:{name}"] = norms.cpu().numpy()
         for stage, broken in stages.items():
             arrays[f"stage:{name}|{stage}"] = broken.cpu().numpy()
-        seconds[name] = time.perf_counter() - t0
+        seconds[name] = _clock(x.device) - t0
     with torch.no_grad():
         final_pred = logits_of(model(final_adv)).argmax(1) if attacks and len(correct) else clean_pred
     arrays["final_pred"] = final_pred.cpu().numpy()

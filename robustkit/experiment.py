@@ -17,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,9 @@ from .threat import ThreatModel, parse_eps
 WORST_CASE = "worst-case"
 TRANSFER = "transfer"  # --attack transfer: every transfer attack from every surrogate, and their worst case
 SCORE_BASED = ("square",)  # attacks that use only model outputs (for the gradient-masking check)
+LOCK_POLL_S = 0.5  # how often a run waiting for another process's cell tries its lock again
+
+log = logging.getLogger("robustkit.eval")
 
 
 def _split(value: str | Sequence[Any] | None) -> list[Any]:
@@ -205,6 +210,7 @@ class Grid:
         self.board = Leaderboard(db)
         self.overwrite = overwrite
         self.home = Path(self.board.path).parent
+        self.runs = self.home / "runs" / _cache_name(self.board.path)  # batch caches of this database only
         self.threats = [ThreatModel(spec.norm, e) for e in spec.eps]
         for threat in self.threats:  # validate every attack and option before any work
             self.attacks(threat)
@@ -255,11 +261,12 @@ class Grid:
     def _rows(self, model: str, sha: str, threat: ThreatModel, attacks: list[tuple[str, Attack]],
               result: EvalResult | None, extra: dict[str, Any]) -> list[ResultRow]:
         nan = float("nan")
-        cells = [(n, a.config(), result.robust_acc(n) if result else nan,
+        batch = {"batch_size": self.spec.batch_size}  # attacks are seeded per batch: a key field, like the seed
+        cells = [(n, {**a.config(), **batch}, result.robust_acc(n) if result else nan,
                   (result.seconds["clean"] + result.seconds[n]) if result else 0.0) for n, a in attacks]
 
         def worst(name: str, chosen: list[tuple[str, Attack]]) -> None:
-            config = {"attacks": [n for n, _ in chosen], "configs": {n: a.config() for n, a in chosen}}
+            config = {"attacks": [n for n, _ in chosen], "configs": {n: a.config() for n, a in chosen}, **batch}
             robust = float(worst_case(result, [n for n, _ in chosen]).mean()) if result else nan
             seconds = (result.seconds["clean"] + sum(result.seconds[n] for n, _ in chosen)) if result else 0.0
             cells.append((name, config, robust, seconds))
@@ -279,53 +286,77 @@ class Grid:
         ) for name, config, robust, seconds in cells]
 
     def run_cell(self, index: int, threat: ThreatModel, progress: CellProgress | None = None) -> CellReport | None:
-        """Evaluate model ``index`` at ``threat``; returns None on ranks other than 0."""
+        """Evaluate model ``index`` at ``threat``; returns None on ranks other than 0.
+
+        The cell is computed under its batch store's lock: a second process asking for the same
+        cell waits for the first, then reuses its rows."""
         spec = self.spec
         name, checkpoint = spec.model[index], spec.checkpoint_of(index)
         sha = weights_sha256(name, checkpoint, spec.model_dir)
         attacks = self.attacks(threat)
-        planned = self._rows(name, sha, threat, attacks, None, {})
-        existing = [self.board.get(r) for r in planned if self.board.exists(r)]
-        if len(existing) == len(planned) and not self.overwrite:
-            return CellReport(name, threat.eps, [], existing)
-        from .prompting import wrap_prompt
-
-        model = wrap_defense(wrap_prompt(_load(name, checkpoint, spec), spec.prompt), spec.defense,
-                             spec.defense_kwargs)
         key = canonical_json({"model": name, "sha": sha, "defense": self.defense, "normalize": spec.normalize,
                               "data": self.dataset.name,
                               "split": spec.split, "n": len(self.dataset), "norm": threat.norm,
                               "eps": eps_str(threat.eps), "attacks": {n: a.config() for n, a in attacks},
                               "seed": spec.seed, "batch": spec.batch_size})
         run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
-        store = BatchStore(self.home / "runs" / run_id)
+        store = BatchStore(self.runs / run_id)
         label = f"{name} {threat.norm} eps={eps_str(threat.eps)}"
-        t0 = time.perf_counter()
-        result = evaluate(model, self.dataset, attacks, batch_size=spec.batch_size, device=self.device,
-                          store=store, shard=dist.world(), keep_adv=spec.save_adv is not None,
-                          progress=(lambda *a: progress(label, *a)) if progress else None)
-        gathered = dist.gather_to_rank0(result)
-        if gathered is None:
-            return None
-        result = merge_results(gathered)
-        warnings = self._diagnose(model, attacks, threat, result) if self._diagnosing() else []
-        if not sha and not spec.prompt:
-            warnings.insert(0, f"{name} has no weights file (no --checkpoint and none packaged): these are the "
-                               f"numbers of a randomly initialized network.")
-        records = write_records(result, Path(spec.records_dir or self.home / "records") / run_id)
-        extra = {"run_id": run_id, "records": str(records), "warnings": warnings,
-                 "wall_seconds": time.perf_counter() - t0, "per_attack": {n: result.robust_acc(n) for n, _ in attacks},
-                 "per_stage": {n: result.stage_accs(n) for n, a in attacks if a.stage_names()}}
-        if spec.save_adv:
-            extra["adversarial_examples"] = str(save_adversarial(result, Path(spec.save_adv) / f"{run_id}.safetensors"))
-        rows = []
-        for row in self._rows(name, sha, threat, attacks, result, extra):
-            if self.overwrite or not self.board.exists(row):
-                self.board.add(row, overwrite=self.overwrite)
-                rows.append(row)
-        store.clear()
+        with self._locked(store, label):
+            planned = self._rows(name, sha, threat, attacks, None, {})
+            existing = [r for r in map(self.board.get, planned) if r is not None]
+            if dist.broadcast_from_rank0(len(existing) == len(planned) and not self.overwrite):
+                return CellReport(name, threat.eps, [], existing) if dist.world()[0] == 0 else None
+            from .prompting import wrap_prompt
+
+            model = wrap_defense(wrap_prompt(_load(name, checkpoint, spec), spec.prompt), spec.defense,
+                                 spec.defense_kwargs)
+            t0 = time.perf_counter()
+            result = evaluate(model, self.dataset, attacks, batch_size=spec.batch_size, device=self.device,
+                              store=store, shard=dist.world(), keep_adv=spec.save_adv is not None,
+                              progress=(lambda *a: progress(label, *a)) if progress else None)
+            gathered = dist.gather_to_rank0(result)
+            if gathered is None:
+                return None
+            result = merge_results(gathered)
+            warnings = self._diagnose(model, attacks, threat, result) if self._diagnosing() else []
+            if not sha and not spec.prompt:
+                warnings.insert(0, f"{name} has no weights file (no --checkpoint and none packaged): these are the "
+                                   f"numbers of a randomly initialized network.")
+            records = write_records(result, Path(spec.records_dir or self.home / "records") / run_id)
+            extra = {"run_id": run_id, "records": str(records), "warnings": warnings,
+                     "wall_seconds": time.perf_counter() - t0,
+                     "per_attack": {n: result.robust_acc(n) for n, _ in attacks},
+                     "per_stage": {n: result.stage_accs(n) for n, a in attacks if a.stage_names()}}
+            if spec.save_adv:
+                extra["adversarial_examples"] = str(save_adversarial(result,
+                                                                     Path(spec.save_adv) / f"{run_id}.safetensors"))
+            rows = []
+            for row in self._rows(name, sha, threat, attacks, result, extra):
+                if self.overwrite or not self.board.exists(row):
+                    self.board.add(row, overwrite=self.overwrite)
+                    rows.append(row)
+            store.clear()
         kept = [r for r in existing if r.attack not in {row.attack for row in rows}]
         return CellReport(name, threat.eps, rows, kept, result, warnings, records)
+
+    @contextmanager
+    def _locked(self, store: BatchStore, label: str) -> Iterator[None]:
+        """Hold ``store``'s lock while the cell is computed: rank 0 takes it, and every rank of a
+        sharded run waits until it has; another process holding it is waited for (polled, so a
+        long wait never trips torch.distributed's timeout)."""
+        rank0 = dist.world()[0] == 0
+        told = False
+        try:
+            while not dist.broadcast_from_rank0(store.try_lock() if rank0 else True):
+                if rank0 and not told:
+                    log.warning(f"{label}: another robustkit eval is computing this cell in {self.board.path}; "
+                                f"waiting for it to finish (its rows are then reused).")
+                    told = True
+                time.sleep(LOCK_POLL_S)
+            yield
+        finally:
+            store.unlock()
 
     def _diagnosing(self) -> bool:
         if self.spec.diagnose is not None:
@@ -378,6 +409,13 @@ def _surrogate_labels(spec: EvalSpec) -> list[tuple[str, str | None, str, str]]:
             for i, (name, (label, sha)) in enumerate(zip(spec.surrogate, labels, strict=True))]
 
 
+def _cache_name(db: Path) -> str:
+    """The folder of a database's batch caches: its file name and a hash of its absolute path, so
+    two databases in one folder never share (or clear) each other's caches."""
+    path = Path(db).resolve()
+    return f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
 def _model_from_sidecar(checkpoint: str | None) -> str:
     """The model a ``robustkit train`` checkpoint's sidecar records (so --model can be left out);
     the default model when the checkpoint has no sidecar."""
@@ -399,7 +437,7 @@ def _load(name: str, checkpoint: str | None, spec: EvalSpec) -> torch.nn.Module:
     if rb.is_robustbench(name):
         return load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256,
                           model_dir=spec.model_dir, download=spec.download)
-    return load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256)
+    return load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256, seed=spec.seed)
 
 
 def defense_label(name: str | None, kwargs: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@ after kill -9, sharded torchrun runs, diagnostics and plots."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from robustkit import ThreatModel
 from robustkit import diagnostics as diag
 from robustkit.attacks import PGD
 from robustkit.cli import main
+from robustkit.evaluate import _clock
 from robustkit.experiment import EvalSpec, run_grid
 from robustkit.leaderboard import Leaderboard
 from robustkit.records import read_records
@@ -100,6 +102,34 @@ def test_library_grid_and_existing_rows(tmp_path: Path) -> None:
     assert first[1].rows[0].robust_acc <= first[0].rows[0].robust_acc
 
 
+def test_batch_size_is_part_of_the_cell(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    spec = EvalSpec(n_examples=30, attack=["fgsm", "pgd"], attack_kwargs={"pgd.steps": 3}, eps=[0.1], batch_size=10)
+    first = run_grid(spec, db=db)[0]
+    assert [r.attack_config["batch_size"] for r in first.rows] == [10, 10, 10]  # fgsm, pgd, worst-case
+    other = run_grid(dataclasses.replace(spec, batch_size=16), db=db)[0]
+    assert len(other.rows) == 3 and not other.existing  # another batch size is another cell
+    again = run_grid(spec, db=db)[0]
+    assert not again.rows and again.existing == first.rows  # the same batch size reuses the rows
+    assert len(Leaderboard(db).rows()) == 6
+
+
+def test_random_weights_are_drawn_from_the_seed(tmp_path: Path) -> None:
+    data = shared_file("cifar10_test1000.npz")
+
+    def run(seed: int) -> tuple[float, list[int], list[int]]:
+        spec = EvalSpec(model=["resnet20"], dataset=f"npz:{data}", n_examples=40, attack=["fgsm"], eps=[2 / 255],
+                        seed=seed)
+        cell = run_grid(spec, db=tmp_path / "b.db", overwrite=True)[0]
+        assert "randomly initialized" in cell.warnings[0]
+        records = read_records(cell.records)
+        return cell.rows[0].clean_acc, records["clean_pred"].tolist(), records["final_pred"].tolist()
+
+    first = run(0)
+    assert run(0) == first  # --overwrite recomputes the same numbers
+    assert run(1) != first
+
+
 def _run_digits(db: Path, *extra: str) -> subprocess.Popen:
     args = robustkit_cmd("eval", "--db", str(db), "--quiet", "--json", "--batch-size", "20", "--attack", "pgd",
                          "--attack-kwargs", "steps=40", "--eps", "0.15", *extra)
@@ -112,11 +142,11 @@ def test_resume_after_kill_gives_identical_numbers(tmp_path: Path) -> None:
     proc = _run_digits(killed_db)
     runs = killed_db.parent / "runs"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(runs.glob("*/batch_*.npz"))) < 3:
+    while time.time() < deadline and len(list(runs.glob("*/*/batch_*.npz"))) < 3:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(list(runs.glob("*/batch_*.npz")))
+    done_before = len(list(runs.glob("*/*/batch_*.npz")))
     assert 3 <= done_before < 25, "the run was not interrupted in the middle"
     assert Leaderboard(killed_db).rows() == []
     resumed = _run_digits(killed_db)
@@ -129,7 +159,36 @@ def test_resume_after_kill_gives_identical_numbers(tmp_path: Path) -> None:
     assert (a["clean_acc"], a["robust_acc"]) == (b["clean_acc"], b["robust_acc"])
     assert len(Leaderboard(killed_db).rows()) == 1
     assert read_records(a["extra"]["records"]).equals(read_records(b["extra"]["records"]))
-    assert not list(runs.glob("*/batch_*.npz")), "the batch store is cleared once the rows are written"
+    assert not list(runs.glob("*/*/batch_*.npz")), "the batch store is cleared once the rows are written"
+
+
+def test_two_identical_evals_at_once_share_the_work(tmp_path: Path) -> None:
+    args = ["--n-examples", "60", "--batch-size", "10", "--attack-kwargs", "steps=10", "--eps", "0.1,0.2"]
+    db = tmp_path / "b.db"
+    procs = [_run_digits(db, *args), _run_digits(db, *args)]  # two processes, the same cells, started together
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        outs.append(json.loads(out))
+    alone = _run_digits(tmp_path / "alone" / "b.db", *args)
+    ref, err = alone.communicate(timeout=300)
+    assert alone.returncode == 0, err
+    rows = Leaderboard(db).rows()
+    assert sorted(r.eps for r in rows) == [0.1, 0.2]  # one row per cell
+    numbers = {(r["eps"], r["clean_acc"], r["robust_acc"]) for r in json.loads(ref)}
+    for out in outs:  # both report the rows that were computed once, with a single run's numbers
+        assert {(r["eps"], r["clean_acc"], r["robust_acc"]) for r in out} == numbers
+        assert {r["timestamp"] for r in out} == {r.timestamp for r in rows}
+    assert not list((tmp_path / "runs").glob("*/*/batch_*.npz"))
+
+
+def test_two_databases_in_one_folder_have_their_own_batch_caches(tmp_path: Path) -> None:
+    spec = EvalSpec(n_examples=20, attack=["fgsm"], eps=[0.1], batch_size=10)
+    run_grid(spec, db=tmp_path / "a.db")
+    run_grid(spec, db=tmp_path / "b.db")
+    caches = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(caches) == 2 and caches[0].startswith("a-") and caches[1].startswith("b-")
 
 
 def test_sharded_run_equals_single_process(tmp_path: Path) -> None:
@@ -211,6 +270,15 @@ def digits_batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         ok = model(data.x).argmax(1) == data.y
     return model, data.x[ok], data.y[ok]
+
+
+def test_batch_timers_wait_for_cuda_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    waited: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", waited.append)
+    _clock(torch.device("cpu"))
+    assert waited == []  # no effect on CPU
+    _clock(torch.device("cuda", 1))
+    assert waited == [torch.device("cuda", 1)]
 
 
 def test_sanity_checks_are_silent_on_a_clean_model(digits_batch: tuple) -> None:

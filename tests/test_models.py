@@ -157,6 +157,14 @@ def test_load_model_normalization_choices():
         load_model("mnist-cnn-a", normalize="cifar10")
 
 
+def test_seeded_random_weights_are_reproducible_and_leave_the_global_rng_alone():
+    rng = torch.get_rng_state()
+    a, b, c = (load_model("resnet20", seed=seed).state_dict() for seed in (0, 0, 1))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

@@ -114,6 +114,7 @@ def load_model(
     num_classes: int | None = None,
     model_dir: str | os.PathLike[str] | None = None,
     download: bool = False,
+    seed: int | None = None,
 ) -> ZooModel:
     """Build ``name``, load ``checkpoint`` safely into it, and put Normalize in front.
 
@@ -121,6 +122,8 @@ def load_model(
     expect); ``None``/``"none"`` adds no layer; a preset name, ``"m1,m2,m3:s1,s2,s3"`` or a
     ``(mean, std)`` pair sets it explicitly. ``sha256`` verifies the checkpoint file first.
     ``digits-cnn`` without a checkpoint gets robustkit's packaged weights when present.
+    ``seed`` seeds the initialization (what a model without weights keeps) from a generator of its
+    own, leaving torch's global RNG as it was; None draws from the global RNG.
     The result is a :class:`ZooModel` in eval mode (``.name``, ``.info``, ``.net``).
 
     ``robustbench:[DATASET/THREAT_MODEL/]NAME`` builds RobustBench's zoo entry and, without a
@@ -137,7 +140,7 @@ def load_model(
     key = _canonical(name)
     info = model_info(key)
     layer = _normalize_layer(normalize, info, key)
-    net = build_model(key, num_classes=num_classes)
+    net = _seeded_build(key, num_classes, seed)
     if checkpoint is None and key in PACKAGED_WEIGHTS and PACKAGED_WEIGHTS[key].is_file():
         checkpoint = PACKAGED_WEIGHTS[key]
     if sha256 is not None and (checkpoint is None or isinstance(checkpoint, Mapping)):
@@ -150,6 +153,15 @@ def load_model(
         apply_state_dict(net, load_state_dict(checkpoint, sha256=sha256), name=key)
         source = os.fspath(checkpoint)
     return ZooModel(key, info, net, layer, checkpoint=source).eval()
+
+
+def _seeded_build(key: str, num_classes: int | None, seed: int | None) -> nn.Module:
+    """``build_model`` with its initialization drawn from ``seed`` (global CPU RNG forked and restored)."""
+    if seed is None:
+        return build_model(key, num_classes=num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return build_model(key, num_classes=num_classes)
 
 
 def weights_sha256(model: str, checkpoint: str | None = None, model_dir: str | None = None) -> str:

@@ -202,12 +202,11 @@ class Check:
             cls = ATTACKS.get(name)
             if name in ("torchattacks", "pyautoattack"):
                 continue  # the oracles: parts 2-5 run them
-            for norm, eps in (("linf", 8 / 255), ("l2", 0.5)):
-                if norm not in cls.supported_norms:
+            for threat in (ThreatModel("linf", 8 / 255), ThreatModel("l2", 0.5)):
+                if threat.norm not in cls.supported_norms:
                     continue
-                self.report.guard("attacks", f"{name} {norm}",
-                                  lambda cls=cls, name=name, threat=ThreatModel(norm, eps): self._one_attack(
-                                      net, name, cls, threat))
+                self.report.guard("attacks", f"{name} {threat.norm}",
+                                  lambda cls=cls, name=name, threat=threat: self._one_attack(net, name, cls, threat))
 
     def _one_attack(self, net: torch.nn.Module, name: str, cls: type, threat: Any) -> None:
         attack = cls(threat, seed=0, **self.budget(cls))
@@ -224,7 +223,7 @@ class Check:
     # 2. CPU against the device, and the same seed twice
     def determinism(self) -> None:
         from robustkit import ThreatModel
-        from robustkit.attacks import FGSM, PGD, FABT
+        from robustkit.attacks import FABT, FGSM, PGD
 
         threat = ThreatModel("linf", 2 / 255)
         steps = 3 if self.quick else 10

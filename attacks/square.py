@@ -12,9 +12,10 @@ change when the loss improves. It follows AutoAttack's ``SquareAttack``
   column); L2, a 5x5 grid of centred-square patterns (:func:`centred_squares`) with random
   signs per channel, rescaled to norm eps;
 * window side ``s = round(sqrt(p·H·W))`` with ``p`` from :func:`p_selection`: ``p_init``
-  halved at 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 iterations, the iteration
-  count rescaled to a budget of 10,000 (``rescale_schedule``; AutoAttack's standard
-  ensemble runs 5,000 queries with ``rescale_schedule=False``);
+  halved at 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 iterations, as AutoAttack runs
+  it (``rescale_schedule=False``, the default); ``rescale_schedule=True`` (the standalone
+  reference ``SquareAttack``'s default) first rescales the iteration count to a budget of
+  10,000, so the schedule runs its course within ``n_queries``;
 * Linf step: the window of every channel is moved to ``±eps`` (a random sign per channel);
   L2 step: the mass of a second window is moved into the first one, which gets the
   centred-square pattern plus its old content, so the norm stays eps.
@@ -188,9 +189,13 @@ class _Run:
 
 @ATTACKS.register("square")
 class Square(Attack):
-    """Square Attack, as AutoAttack's ``SquareAttack``: ``n_queries`` iterations per restart
+    """Square Attack, as AutoAttack runs ``SquareAttack``: ``n_queries`` iterations per restart
     (default 5000), ``p_init`` 0.8, margin loss, per-sample early stop and query counts;
-    ``lookahead`` proposals per point evaluated together (see the module docstring)."""
+    ``lookahead`` proposals per point evaluated together (see the module docstring).
+
+    ``rescale_schedule`` defaults to False, AutoAttack's setting, so Square alone and Square
+    as a stage of AutoAttack are the same attack; True halves ``p`` at the same fractions of
+    ``n_queries`` as of 10,000 queries (the standalone reference's default)."""
 
     name = "square"
     supported_norms = ("linf", "l2")
@@ -204,7 +209,7 @@ class Square(Attack):
         p_init: float = 0.8,
         restarts: int = 1,
         loss: str = "cw",
-        rescale_schedule: bool = True,
+        rescale_schedule: bool = False,
         lookahead: int = 8,
         **kwargs: Any,
     ):

@@ -43,7 +43,7 @@ from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
 
 from .losses import get_loss
-from .targets import TargetClasses, pack, stop_siblings, target_groups
+from .targets import Siblings, TargetClasses, pack, stop_siblings, target_groups
 
 MOMENTUM = 0.75
 
@@ -75,23 +75,20 @@ def project_l1_box(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Te
     a = v.abs()
     room = torch.where(v > 0, 1 - xf, xf).clamp_min(0)
     direct = a.minimum(room)  # lam = 0: only the box
-    over = direct.sum(1) > eps
-    if not over.any():
-        return (v.sign() * direct).view(shape)
-    a_o, room_o = a[over], room[over]
+    over = direct.sum(1, keepdim=True) > eps
+    # every row is solved and the rows within budget keep ``direct`` (no host synchronization)
     # Breakpoints of f(lam) = sum(clip(a - lam, 0, room)): a (a term reaches 0) and a - room
     # (a term leaves its cap). Walking lam downwards, the slope grows by 1 at a and drops by 1
     # at a - room.
-    points = torch.cat([a_o, a_o - room_o], 1)
-    slope_change = torch.cat([torch.ones_like(a_o), -torch.ones_like(a_o)], 1)
+    points = torch.cat([a, a - room], 1)
+    slope_change = torch.cat([torch.ones_like(a), -torch.ones_like(a)], 1)
     points, order = points.sort(1, descending=True)
     slope = slope_change.gather(1, order).cumsum(1)  # active terms just below each breakpoint
     gaps = points[:, :-1] - points[:, 1:]
     f_at = torch.cat([torch.zeros_like(points[:, :1]), (slope[:, :-1] * gaps).cumsum(1)], 1)
     k = ((f_at < eps).sum(1, keepdim=True) - 1).clamp_min(0)  # last breakpoint below budget
     lam = points.gather(1, k) - (eps - f_at.gather(1, k)) / slope.gather(1, k).clamp_min(1)
-    out = direct.clone()
-    out[over] = (a_o - lam.clamp_min(0)).clamp_min(0).minimum(room_o)
+    out = torch.where(over, (a - lam.clamp_min(0)).clamp_min(0).minimum(room), direct)
     return (v.sign() * out).view(shape)
 
 
@@ -101,6 +98,15 @@ def _l0(v: torch.Tensor) -> torch.Tensor:
 
 def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _keep(live: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` on the live rows and ``old`` on the others (all live: ``live`` is None)."""
+    return new if live is None else torch.where(_view(live, new), new, old)
+
+
+def _and(mask: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
+    return mask if live is None else mask & live
 
 
 @dataclass
@@ -393,7 +399,10 @@ class APGD(Attack):
             marks = set(checkpoints(steps))
         last_mark = 0
         all_rows = torch.arange(n, device=dev)
+        siblings = None if owner is None else Siblings(owner)
 
+        # Masks and torch.where instead of boolean indexing: the only host synchronization per
+        # iteration is the early-stop check (which rows are still running).
         for i in range(steps):
             run = alive.nonzero().flatten() if self.early_stop else all_rows
             if not len(run):
@@ -410,27 +419,28 @@ class APGD(Attack):
             )
             tgt = None if loss_target is None else loss_target[run]
             logits, loss, g = self.evaluate(forward, new, y[run], tgt, need_grad=i < steps - 1)
-            live = alive[run]  # without early_stop, broken samples are computed but frozen
-            rows, new, logits, loss = run[live], new[live], logits[live], loss[live]
-            prev[rows] = cur[rows]
-            cur[rows] = new
+            # without early_stop, broken samples are computed but frozen (live is False)
+            live = None if self.early_stop else alive[run]
+            rows = run
+            prev[rows] = _keep(live, cur[rows], prev[rows])
+            cur[rows] = _keep(live, new, cur[rows])
             if g is not None:
-                g = g[live]
-                grad[rows] = g
+                grad[rows] = _keep(live, g, grad[rows])
             if track_success:
                 st = None if success_target is None else success_target[rows]
-                hit = self.is_success(logits, y[rows], st)
-                x_found[rows[hit]] = new[hit]
-                found[rows[hit]] = True
-                alive[rows[hit]] = False
-                stop_siblings(alive, owner, rows[hit])
-            better = loss > loss_best[rows]
-            x_best[rows[better]] = new[better]
+                hit = _and(self.is_success(logits, y[rows], st), live)
+                x_found[rows] = torch.where(_view(hit, new), new, x_found[rows])
+                found[rows] |= hit
+                alive[rows] &= ~hit
+                if siblings is not None:
+                    stop_siblings(alive, siblings, torch.zeros_like(alive).index_put_((rows,), hit))
+            better = _and(loss > loss_best[rows], live)
+            x_best[rows] = torch.where(_view(better, new), new, x_best[rows])
             if g is not None:
-                grad_best[rows[better]] = g[better]
-            loss_best[rows] = torch.maximum(loss_best[rows], loss)
-            n_incr[rows] += (loss > loss_prev[rows]).float()
-            loss_prev[rows] = loss
+                grad_best[rows] = torch.where(_view(better, g), g, grad_best[rows])
+            loss_best[rows] = _keep(live, torch.maximum(loss_best[rows], loss), loss_best[rows])
+            n_incr[rows] = _keep(live, n_incr[rows] + (loss > loss_prev[rows]).float(), n_incr[rows])
+            loss_prev[rows] = _keep(live, loss, loss_prev[rows])
 
             if i + 1 not in marks:
                 continue
@@ -438,24 +448,24 @@ class APGD(Attack):
             if l1:
                 sparsity = _l0(x_best[rows] - x[rows])
                 fewer = sparsity / sp_old[rows] < 0.95
-                topk[rows] = sparsity / n_fts / 1.5
+                topk[rows] = _keep(live, sparsity / n_fts / 1.5, topk[rows])
                 full = eps  # the L1 initial step
-                size[rows] = torch.where(
+                size[rows] = _keep(live, torch.where(
                     fewer, torch.full_like(sparsity, full), size[rows] / 1.5
-                ).clamp(full / 10, full)
-                sp_old[rows] = sparsity
-                back = rows[fewer]
+                ).clamp(full / 10, full), size[rows])
+                sp_old[rows] = _keep(live, sparsity, sp_old[rows])
+                back = _and(fewer, live)
             else:
                 oscillating = n_incr[rows] <= window * self.rho
                 stalled = ~reduced_last[rows] & (loss_best_last[rows] >= loss_best[rows])
                 reduce = oscillating | stalled
-                reduced_last[rows] = reduce
-                loss_best_last[rows] = loss_best[rows]
-                n_incr[rows] = 0
-                back = rows[reduce]
-                size[back] /= 2
-            cur[back] = x_best[back]
-            grad[back] = grad_best[back]
+                reduced_last[rows] = _keep(live, reduce, reduced_last[rows])
+                loss_best_last[rows] = _keep(live, loss_best[rows], loss_best_last[rows])
+                n_incr[rows] = _keep(live, torch.zeros_like(n_incr[rows]), n_incr[rows])
+                back = _and(reduce, live)
+                size[rows] = torch.where(back, size[rows] / 2, size[rows])
+            cur[rows] = torch.where(_view(back, cur), x_best[rows], cur[rows])
+            grad[rows] = torch.where(_view(back, grad), grad_best[rows], grad[rows])
         return _Run(found=found, x_found=x_found, x_best=x_best, loss_best=loss_best)
 
 

@@ -39,7 +39,7 @@ from robustkit.errors import UsageError
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
 
-from .targets import TargetClasses, pack, stop_siblings, target_groups
+from .targets import Siblings, TargetClasses, pack, stop_siblings, target_groups
 
 Projection = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -56,7 +56,9 @@ def _orient(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[tor
     return w, c * flip, room
 
 
-def _saturation_level(weights: torch.Tensor, caps: torch.Tensor, c: torch.Tensor, max_steps: int = 32) -> torch.Tensor:
+def _saturation_level(
+    weights: torch.Tensor, caps: torch.Tensor, c: torch.Tensor, max_steps: int = 32, unchecked: int = 4
+) -> torch.Tensor:
     """Per row, the ``lam >= 0`` with ``sum_i weights_i·min(lam, caps_i) = c`` (``inf`` where even
     every coordinate at its cap falls short).
 
@@ -65,16 +67,23 @@ def _saturation_level(weights: torch.Tensor, caps: torch.Tensor, c: torch.Tensor
     coordinates stops growing, usually within 3 to 5 steps. Each step is two masked sums, far
     cheaper than the sort FAB's Linf projection used to run every iteration (35% of FAB-T's
     time); rows still moving after ``max_steps`` are solved by the sort (:func:`_saturation_level_sorted`).
+
+    A step on a row that has reached its root leaves it there, so the first ``unchecked`` steps
+    run without asking whether every row has converged (a host synchronization each); on FAB's
+    hyperplanes 3 or 4 steps nearly always suffice, so one check usually ends the loop.
     """
     at_caps = weights * caps
     lam = torch.zeros_like(c)
     free = caps > 0
-    for _ in range(max_steps):
+    for step in range(max_steps):
         slope = torch.where(free, weights, 0).sum(1)
         below = torch.where(free, 0, at_caps).sum(1)  # the sum is below + slope·lam
         stuck = torch.where(below >= c, lam, torch.full_like(lam, float("inf")))  # no free weight left
         lam = torch.where(slope > 0, ((c - below) / slope.clamp_min(1e-30)).maximum(lam), stuck)
         now_free = caps > lam[:, None]
+        if step + 1 < min(unchecked, max_steps):
+            free = now_free
+            continue
         moving = (now_free != free).any(1)  # the saturated set grew: not yet the root
         if not moving.any():
             return lam
@@ -297,6 +306,9 @@ class FAB(Attack):
         best = torch.full((n,), float("inf"), device=x0.device, dtype=x0.dtype)
         alive = torch.ones(n, dtype=torch.bool, device=x0.device)
         everyone = torch.arange(n, device=x0.device)
+        siblings = None if owner is None else Siblings(owner)
+        # masks and torch.where instead of boolean indexing: no host synchronization besides the
+        # early-stop check and the projection's convergence check
         for _ in range(self.steps):
             rows = alive.nonzero().flatten() if self.early_stop else everyone
             if not len(rows):
@@ -316,13 +328,14 @@ class FAB(Attack):
             adv = self.is_success(logits, y[rows], None if target is None else target[rows])
             dist = self.threat.norm_of(xr - x0r)
             closer = adv & (dist < best[rows])
-            x_best[rows[closer]] = xr[closer]
-            best[rows[closer]] = dist[closer]
-            xr[adv] = x0r[adv] + self.beta * (xr[adv] - x0r[adv])
-            x1[rows] = xr
+            x_best[rows] = torch.where(closer[:, None], xr, x_best[rows])
+            best[rows] = torch.where(closer, dist, best[rows])
+            x1[rows] = torch.where(adv[:, None], x0r + self.beta * (xr - x0r), xr)
             if self.early_stop:
-                alive[rows[adv & (dist <= eps)]] = False
-                stop_siblings(alive, owner, rows[adv & (dist <= eps)])
+                broken = adv & (dist <= eps)
+                alive[rows] &= ~broken
+                if siblings is not None:
+                    stop_siblings(alive, siblings, torch.zeros_like(alive).index_put_((rows,), broken))
         found = best <= eps
         return x_best.view_as(x0), found
 

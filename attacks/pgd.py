@@ -25,6 +25,11 @@ from .losses import get_loss
 SCHEDULES = ("constant", "cosine")
 
 
+def _view(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample mask shaped to broadcast over ``like``'s samples."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
 @ATTACKS.register("pgd")
 class PGD(Attack):
     """Projected gradient descent. Default step size 2.5·eps/steps (Madry's rule; 2/255 for
@@ -118,20 +123,18 @@ class PGD(Attack):
                     grad = None
                 else:
                     logits, grad = self.gradient(forward, cur[run], yr, tr, generator)
+                # masks and torch.where, not boolean indexing: no host synchronization
                 hit = self.is_success(logits, yr, tr) & alive[run]
-                if hit.any():
-                    newly = run[hit]
-                    x_best[rows[newly]] = cur[newly]
-                    found[rows[newly]] = True
-                    alive[newly] = False
+                points = rows[run]
+                x_best[points] = torch.where(_view(hit, xr), cur[run], x_best[points])
+                found[points] |= hit
+                alive[run] &= ~hit
                 if grad is None:
                     break
                 step = self.step_size_at(t) * self.direction(grad, state, rows[run])
                 moved = self.threat.clip(cur[run] + step, xr)
-                keep = alive[run]
-                cur[run[keep]] = moved[keep]
-            still = ~found[rows]
-            x_best[rows[still]] = cur[still]
+                cur[run] = torch.where(_view(alive[run], xr), moved, cur[run])
+            x_best[rows] = torch.where(_view(found[rows], cur), x_best[rows], cur)
         return AttackResult(x_adv=x_best, success=found)
 
 

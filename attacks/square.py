@@ -12,9 +12,10 @@ change when the loss improves. It follows AutoAttack's ``SquareAttack``
   column); L2, a 5x5 grid of centred-square patterns (:func:`centred_squares`) with random
   signs per channel, rescaled to norm eps;
 * window side ``s = round(sqrt(p·H·W))`` with ``p`` from :func:`p_selection`: ``p_init``
-  halved at 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 iterations, the iteration
-  count rescaled to a budget of 10,000 (``rescale_schedule``; AutoAttack's standard
-  ensemble runs 5,000 queries with ``rescale_schedule=False``);
+  halved at 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 iterations, as AutoAttack runs
+  it (``rescale_schedule=False``, the default); ``rescale_schedule=True`` (the standalone
+  reference ``SquareAttack``'s default) first rescales the iteration count to a budget of
+  10,000, so the schedule runs its course within ``n_queries``;
 * Linf step: the window of every channel is moved to ``±eps`` (a random sign per channel);
   L2 step: the mass of a second window is moved into the first one, which gets the
   centred-square pattern plus its old content, so the norm stays eps.
@@ -148,8 +149,8 @@ class _DrawTable:
         self.made = 0  # iterations drawn so far
 
     def extend(self) -> None:
-        t = torch.arange(self.made, self.made + self.CHUNK)
-        side = torch.tensor([self.attack.window_size(int(i), self.h, self.w) for i in t], device=self.device)
+        iterations = range(self.made, self.made + self.CHUNK)
+        side = torch.tensor([self.attack.window_size(i, self.h, self.w) for i in iterations], device=self.device)
         new = {}
 
         def corner(room: torch.Tensor) -> torch.Tensor:  # in [0, room), as the reference's random_int
@@ -168,9 +169,10 @@ class _DrawTable:
         self.side = torch.cat([self.side, side])
         self.made += self.CHUNK
 
-    def pick(self, t: torch.Tensor, image: torch.Tensor) -> _Draws:
-        """The draws of iteration ``t[i]`` for image ``image[i]``, one row per pair."""
-        while self.made <= int(t.max()):
+    def pick(self, t: torch.Tensor, image: torch.Tensor, t_max: int | None = None) -> _Draws:
+        """The draws of iteration ``t[i]`` for image ``image[i]``, one row per pair; ``t_max``:
+        a bound on ``t`` known to the caller (saves a host synchronization)."""
+        while self.made <= (int(t.max()) if t_max is None else t_max):
             self.extend()
         got = {k: v[t, image].long() for k, v in self.columns.items()}
         got["signs"] = got["signs"].to(self.dtype)
@@ -187,9 +189,13 @@ class _Run:
 
 @ATTACKS.register("square")
 class Square(Attack):
-    """Square Attack, as AutoAttack's ``SquareAttack``: ``n_queries`` iterations per restart
+    """Square Attack, as AutoAttack runs ``SquareAttack``: ``n_queries`` iterations per restart
     (default 5000), ``p_init`` 0.8, margin loss, per-sample early stop and query counts;
-    ``lookahead`` proposals per point evaluated together (see the module docstring)."""
+    ``lookahead`` proposals per point evaluated together (see the module docstring).
+
+    ``rescale_schedule`` defaults to False, AutoAttack's setting, so Square alone and Square
+    as a stage of AutoAttack are the same attack; True halves ``p`` at the same fractions of
+    ``n_queries`` as of 10,000 queries (the standalone reference's default)."""
 
     name = "square"
     supported_norms = ("linf", "l2")
@@ -203,7 +209,7 @@ class Square(Attack):
         p_init: float = 0.8,
         restarts: int = 1,
         loss: str = "cw",
-        rescale_schedule: bool = True,
+        rescale_schedule: bool = False,
         lookahead: int = 8,
         **kwargs: Any,
     ):
@@ -296,28 +302,41 @@ class Square(Attack):
         it = torch.zeros(n, dtype=torch.long, device=dev)  # each point's next iteration
         draws = _DrawTable(self, x, gen)
         everyone = torch.arange(n, device=dev)
+        # Host-side bounds on the iteration of every point still attacked: each pass moves a point
+        # on by 1 to ``depth`` iterations, so ``passes <= it <= bound``. They spare the host
+        # synchronizations of looking at ``it``: one per pass (which points are still attacked)
+        # and, only in the passes near the end of the budget, a second (which proposals exist).
+        passes = bound = 0
         while True:
             todo = (margin < 0) & (it < self.n_queries)
-            if not todo.any():
-                break
             if self.early_stop:
                 rows = todo.nonzero().flatten()
+                if not len(rows):
+                    break
                 depth = max(1, min(self.lookahead, budget // len(rows)))
             else:  # every point, one proposal at a time; the broken ones are not updated
+                if not todo.any():
+                    break
                 rows, depth = everyone, 1
             # (point, iteration) pairs, depth-major: proposal d of every point, then d + 1
             point = rows.repeat(depth)
             t = it[rows].repeat(depth) + torch.arange(depth, device=dev).repeat_interleave(len(rows))
-            valid = t < self.n_queries
-            point, t = point[valid], t[valid]
-            candidates = self.propose(x[point], x_best[point], draws.pick(t, point))
+            grid = torch.arange(len(point), device=dev).view(depth, len(rows))
+            if bound + depth > self.n_queries:  # some proposals may lie past the budget
+                valid = (t < self.n_queries).nonzero().flatten()
+                point, t = point[valid], t[valid]
+                grid = torch.full((depth, len(rows)), -1, dtype=torch.long, device=dev)
+                grid.view(-1)[valid] = torch.arange(len(point), device=dev)
+            t_max = min(bound + depth, self.n_queries) - 1
+            # the window side does not grow with t: one side for all when the bounds agree
+            side = self.window_size(min(passes, t_max), *x.shape[2:])
+            one_side = side if side == self.window_size(t_max, *x.shape[2:]) else None
+            candidates = self.propose(x[point], x_best[point], draws.pick(t, point, t_max), one_side)
             logits = forward(candidates)
             aim = None if target is None else target[point]
             margin_new = cw_loss(logits, y[point], aim)
             loss_new = margin_new if self.loss_name == "cw" else self.loss_fn(logits, y[point], aim)
             # per point, the first accepted proposal (its loss improves, or it breaks the point)
-            grid = torch.full((depth, len(rows)), -1, dtype=torch.long, device=dev)
-            grid.view(-1)[valid.nonzero().flatten()] = torch.arange(len(point), device=dev)
             pair = grid.clamp_min(0)
             improved = (loss_new[pair] > loss_best[rows]) & (grid >= 0)
             accept = (improved | (margin_new[pair] >= 0)) & (grid >= 0) & todo[rows]
@@ -326,11 +345,12 @@ class Square(Attack):
             used = torch.where(taken, first + 1, (grid >= 0).sum(0))
             queries[rows] += torch.where(todo[rows], used, 0)
             it[rows] += used
-            cols = taken.nonzero().flatten()
-            chosen, hit = pair[first[cols], cols], rows[cols]
-            x_best[hit] = candidates[chosen]
-            margin[hit] = margin_new[chosen]
-            loss_best[hit] = torch.where(improved[first[cols], cols], loss_new[chosen], loss_best[hit])
+            cols = torch.arange(len(rows), device=dev)
+            chosen = pair[first, cols]
+            x_best[rows] = torch.where(_view(taken), candidates[chosen], x_best[rows])
+            margin[rows] = torch.where(taken, margin_new[chosen], margin[rows])
+            loss_best[rows] = torch.where(taken & improved[first, cols], loss_new[chosen], loss_best[rows])
+            passes, bound = passes + 1, bound + depth
         return _Run(x_best=x_best, found=margin >= 0, loss=loss_best, queries=queries)
 
     def init_delta(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -350,14 +370,16 @@ class Square(Attack):
                 )
         return eps * delta / _view(delta.flatten(1).norm(dim=1).clamp_min(1e-12))
 
-    def propose(self, x: torch.Tensor, x_best: torch.Tensor, draws: _Draws) -> torch.Tensor:
+    def propose(self, x: torch.Tensor, x_best: torch.Tensor, draws: _Draws, side: int | None = None) -> torch.Tensor:
         """One proposal per row: ``x_best`` changed inside the row's window (``draws``, one row
-        each)."""
+        each); ``side``: the window side of every row, where the caller knows it is the same."""
         n, c, h, w = x.shape
         eps = self.threat.eps
         mask = _window_masks(h, w, draws.side, draws.top, draws.left)
         if self.threat.norm == "linf":  # the window moves to a vertex x ± eps (clipped to the box)
             return torch.where(mask, (x + eps * draws.signs[:, :, None, None]).clamp(0, 1), x_best)
+        if side is not None:  # one side for all: no need to look
+            return self.propose_l2(x, x_best, side, draws, mask)
         out = torch.empty_like(x)
         for s in draws.side.unique().tolist():  # the L2 step reshapes windows: one side at a time
             keep = (draws.side == s).nonzero().flatten()
@@ -375,8 +397,14 @@ class Square(Attack):
         mask2 = _window_masks(h, w, s, draws.top2, draws.left2)
         signs = draws.signs[:, :, None, None]
         delta = x_best - x
-        full = mask.expand_as(delta)
-        old = delta.masked_select(full).view(n, c, s, s)
+        # the first window's content, (n, c, s, s), by index (no host synchronization)
+        at = (
+            torch.arange(n, device=x.device)[:, None, None, None],
+            torch.arange(c, device=x.device)[None, :, None, None],
+            (draws.top[:, None] + torch.arange(s, device=x.device))[:, None, :, None],
+            (draws.left[:, None] + torch.arange(s, device=x.device))[:, None, None, :],
+        )
+        old = delta[at]
         norm_old = old.flatten(2).norm(dim=2)[:, :, None, None]
         norm_img = _view(delta.flatten(1).norm(dim=1))
         norm_windows = (delta * (mask | mask2)).flatten(2).norm(dim=2)[:, :, None, None]
@@ -384,7 +412,7 @@ class Square(Attack):
         # the windows get back their own mass plus their share of the budget left unused
         size = ((eps**2 - norm_img**2).clamp_min(0) / c + norm_windows**2).sqrt()
         new = new / (new.flatten(2).norm(dim=2)[:, :, None, None] + 1e-12) * size
-        delta = delta.masked_fill(mask2, 0.0).masked_scatter(full, new)
+        delta = delta.masked_fill(mask2, 0.0).index_put(at, new)
         delta = eps * delta / _view(delta.flatten(1).norm(dim=1) + 1e-12)
         return self.threat.clip(x + delta, x)
 

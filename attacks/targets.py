@@ -74,7 +74,24 @@ def pack(rows: torch.Tensor, group: list[torch.Tensor]) -> tuple[torch.Tensor, t
     return rows.repeat(len(group)), torch.cat([t[rows] for t in group])
 
 
-def stop_siblings(alive: torch.Tensor, owner: torch.Tensor | None, broken_rows: torch.Tensor) -> None:
-    """Stop every row whose point (``owner``) has a row in ``broken_rows``; in place."""
-    if owner is not None and len(broken_rows):
-        alive &= ~torch.isin(owner, owner[broken_rows])
+class Siblings:
+    """The rows that share an owner (the rows :func:`pack` makes for one point), worked out on
+    the device once per run, so that stopping a broken point's rows each iteration needs no
+    host synchronization."""
+
+    def __init__(self, owner: torch.Tensor):
+        ordered, self.order = owner.sort(stable=True)
+        self.first = torch.searchsorted(ordered, ordered, side="left")  # its owner's rows, in sorted order
+        self.end = torch.searchsorted(ordered, ordered, side="right")
+        self.rank = torch.empty_like(self.order).scatter_(0, self.order, torch.arange(len(owner), device=owner.device))
+
+    def any(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per row: whether some row of the same owner is set in ``mask`` (a bool per row)."""
+        counts = torch.cat([mask.new_zeros(1, dtype=torch.long), mask[self.order].long().cumsum(0)])
+        return (counts[self.end] > counts[self.first])[self.rank]
+
+
+def stop_siblings(alive: torch.Tensor, siblings: Siblings | None, broken: torch.Tensor) -> None:
+    """Stop every row whose point has a row set in ``broken`` (a bool per row); in place."""
+    if siblings is not None:
+        alive &= ~siblings.any(broken)

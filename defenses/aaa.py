@@ -72,13 +72,32 @@ def aaa_loss_grad(
     largest logits (+ on the first, - on the second), plus
     ``beta * sign(p_top - p_top_orig) * p_top * (onehot(top_orig) - p)``; ``sign(0) = 0`` as
     autograd's ``abs``."""
+    constants = _grad_constants(logits, top_orig)
+    return _loss_grad(logits, top_orig, p_top_orig[:, None], target[:, None], beta, *constants)
+
+
+def _grad_constants(logits: torch.Tensor, top_orig: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`_loss_grad` needs at every step: the predicted class one-hot (N, K) and the
+    signs (-1, +1) of the top-two term."""
+    onehot = torch.zeros_like(logits).scatter_(1, top_orig, 1.0)
+    pair = torch.ones(1, 2, dtype=logits.dtype, device=logits.device)
+    pair[:, 0] = -1
+    return onehot, pair
+
+
+def _loss_grad(
+    logits: torch.Tensor, top_orig: torch.Tensor, p_top_orig: torch.Tensor, target: torch.Tensor, beta: float,
+    onehot: torch.Tensor, pair: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`aaa_loss_grad` in 14 small kernels (``p_top_orig`` and ``target`` as (N, 1)), with
+    autograd's roundings: the softmax term is ``p * (c·onehot - c·p_top)``, ``c = beta·sign``."""
     values, index = logits.topk(2, dim=1)
-    s = (values[:, :1] - values[:, 1:] - target[:, None]).sign()
-    grad = torch.zeros_like(logits).scatter_(1, index, torch.cat([s, -s], dim=1))
+    flip = values.diff(dim=1).add_(target).sign_()  # -sign(margin - target)
     p = F.softmax(logits, dim=1)
     p_top = p.gather(1, top_orig)
-    weight = beta * (p_top - p_top_orig[:, None]).sign() * p_top
-    return grad.sub_(weight * p).scatter_add_(1, top_orig, weight)
+    minus_c = (p_top - p_top_orig).sign_().mul_(-beta)
+    term = torch.addcmul(minus_c * p_top, onehot, minus_c, value=-1).mul_(p)
+    return term.scatter_add_(1, index, flip * pair)
 
 
 def _number(name: str, value: object) -> float:
@@ -173,7 +192,9 @@ class AAA(nn.Module):
         ``steps`` Adam updates (``torch.optim.Adam``'s, betas 0.9 / 0.999, eps 1e-8, as the
         reference) from the logits, with the loss's gradient written out (:func:`aaa_loss_grad`):
         no autograd graph, so it runs the same under ``no_grad`` / ``inference_mode``, and a few
-        times faster than autograd on the small (N, K) tensors of a query."""
+        times faster than autograd on the small (N, K) tensors of a query. The tensors are tiny,
+        so the cost is the number of kernels: 21 per step, each computing what autograd and
+        ``torch.optim.Adam`` compute."""
         z = logits.detach().to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
         top_orig = z.argmax(1, keepdim=True)
         p_top_orig = F.softmax(z / self.temperature, dim=1).max(1).values
@@ -182,12 +203,15 @@ class AAA(nn.Module):
         out = z.clone()
         exp_avg = torch.zeros_like(out)
         exp_avg_sq = torch.zeros_like(out)
-        for t in range(1, self.steps + 1):
-            grad = aaa_loss_grad(out, top_orig, p_top_orig, target, self.beta)
-            exp_avg.mul_(ADAM_BETAS[0]).add_(grad, alpha=1 - ADAM_BETAS[0])
-            exp_avg_sq.mul_(ADAM_BETAS[1]).addcmul_(grad, grad, value=1 - ADAM_BETAS[1])
-            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - ADAM_BETAS[1] ** t)).add_(ADAM_EPS)
-            out.addcdiv_(exp_avg, denom, value=-self.lr / (1 - ADAM_BETAS[0] ** t))
+        constants = _grad_constants(out, top_orig)
+        p_top_orig, target = p_top_orig[:, None], target[:, None]
+        b1, b2 = ADAM_BETAS
+        for t in range(1, self.steps + 1):  # torch.optim.Adam's single-tensor step, op for op
+            grad = _loss_grad(out, top_orig, p_top_orig, target, self.beta, *constants)
+            exp_avg.lerp_(grad, 1 - b1)
+            exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - b2**t)).add_(ADAM_EPS)
+            out.addcdiv_(exp_avg, denom, value=-self.lr / (1 - b1**t))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ average. Each rank draws its rounding from its own seeded generator (:meth:`QSGD
 
 # No ``from __future__ import annotations`` here: DDP checks a hook's annotations at registration
 # and string annotations fail that check.
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,13 +38,21 @@ def levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+@functools.lru_cache(maxsize=256)
+def _segment_counts(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The segment lengths on ``device``, copied there once per bucket layout (a DDP bucket keeps
+    its layout from step to step), not once per quantization."""
+    return torch.tensor(sizes, dtype=torch.long).to(device)
+
+
 def _segment_ids(sizes: Sequence[int] | None, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
     if sizes is None:
         return torch.zeros(n, dtype=torch.long, device=device), 1
     if sum(sizes) != n:
         raise ValueError(f"segment sizes add up to {sum(sizes)}, not {n}")
-    counts = torch.tensor(list(sizes), dtype=torch.long, device=device)
-    return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts), len(sizes)
+    counts = _segment_counts(tuple(sizes), torch.device(device))
+    # output_size: the device need not report the total back to the host
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts, output_size=n), len(sizes)
 
 
 def quantize(

@@ -74,29 +74,41 @@ def paste(
     x: torch.Tensor, t: torch.Tensor, perm: torch.Tensor, boxes: list[tuple[int, int, int, int]], *, resize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paste ``x[perm[i]]`` (cropped: CutMix, or resized whole: ResizeMix) into ``boxes[i]`` of ``x[i]``;
-    target weights are the pasted box's true share of the image."""
+    target weights are the pasted box's true share of the image.
+
+    The partners and weights are read and built on the host once (``perm`` on the CPU costs no
+    device synchronization at all), not one ``.item()`` per image."""
     out = x.clone()
     h, w = x.shape[-2:]
-    kept = torch.ones(len(x), dtype=t.dtype, device=t.device)
+    partner = perm.tolist()
+    shares = [1.0] * len(x)
     for i, (y0, y1, x0, x1) in enumerate(boxes):
         if y1 <= y0 or x1 <= x0:
             continue
-        src = x[perm[i]]
+        src = x[partner[i]]
         if resize:
             patch = F.interpolate(src[None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0]
             out[i, :, y0:y1, x0:x1] = patch.clamp(0, 1)
         else:
             out[i, :, y0:y1, x0:x1] = src[:, y0:y1, x0:x1]
-        kept[i] = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+        shares[i] = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    kept = torch.tensor(shares, dtype=t.dtype).to(t.device)
     return out, kept[:, None] * t + (1 - kept[:, None]) * t[perm]
 
 
 def cutmix(
     x: torch.Tensor, t: torch.Tensor, lam: float, perm: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CutMix with one box for the batch (sides from ``lam``), targets by the pasted area."""
-    b = box(x.shape[-2], x.shape[-1], lam, generator)
-    return paste(x, t, perm, [b] * len(x), resize=False)
+    """CutMix with one box for the batch (sides from ``lam``), targets by the pasted area: one copy
+    for the whole batch, whatever device ``perm`` is on."""
+    h, w = x.shape[-2:]
+    y0, y1, x0, x1 = box(h, w, lam, generator)
+    out = x.clone()
+    kept = torch.ones(len(x), dtype=t.dtype, device=t.device)
+    if y1 > y0 and x1 > x0:
+        out[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+        kept.fill_(1.0 - (y1 - y0) * (x1 - x0) / (h * w))
+    return out, kept[:, None] * t + (1 - kept[:, None]) * t[perm]
 
 
 def sdmp(x: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,11 +116,11 @@ def sdmp(x: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> tuple[
     ResizeMix with ``lam = 0.1 + 0.8 Beta(1, 1)``; targets by the real ratio or area."""
     n = len(x)
     h, w = x.shape[-2:]
-    perm = torch.arange(n - 1, -1, -1, device=x.device)
+    perm = torch.arange(n - 1, -1, -1)  # on the host: the per-image pastes read it without a device sync
     lam = 0.1 + 0.8 * torch.rand(n, generator=generator)  # Beta(1, 1) is uniform
     ops = torch.randint(3, (n,), generator=generator)
     out, mixed_t = x.clone(), t.clone()
-    boxes = [box(h, w, float(lam[i]), generator) for i in range(n)]
+    boxes = [box(h, w, value, generator) for value in lam.tolist()]
     for op in range(3):
         idx = (ops == op).nonzero().flatten().tolist()
         if not idx:
@@ -118,7 +130,7 @@ def sdmp(x: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> tuple[
             out[idx] = lam_i * x[idx] + (1 - lam_i) * x[perm[idx]]
             mixed_t[idx] = lam_i.view(-1, 1) * t[idx] + (1 - lam_i.view(-1, 1)) * t[perm[idx]]
         else:
-            chosen = [b if int(o) == op else (0, 0, 0, 0) for b, o in zip(boxes, ops, strict=True)]
+            chosen = [b if o == op else (0, 0, 0, 0) for b, o in zip(boxes, ops.tolist(), strict=True)]
             pasted, pt = paste(x, t, perm, chosen, resize=op == 2)
             out[idx], mixed_t[idx] = pasted[idx], pt[idx]
     return out, mixed_t

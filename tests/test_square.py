@@ -63,11 +63,15 @@ def test_p_schedule_is_the_references() -> None:
 
 
 def test_window_size() -> None:
-    # CIFAR (32x32), 5000 queries: s = round(sqrt(p·1024)); L2 windows are odd and >= 3
-    linf, l2 = Square(LINF), Square(ThreatModel("l2", 0.5))
+    # CIFAR (32x32), 5000 queries rescaled to 10,000: s = round(sqrt(p·1024)); L2 windows are odd and >= 3
+    linf, l2 = Square(LINF, rescale_schedule=True), Square(ThreatModel("l2", 0.5), rescale_schedule=True)
     assert [linf.window_size(it, 32, 32) for it in (0, 6, 26, 101, 4999)] == [29, 20, 14, 10, 1]
     assert [l2.window_size(it, 32, 32) for it in (0, 6, 26, 101, 4999)] == [29, 21, 15, 11, 3]
     assert linf.window_size(0, 8, 8) == 7 and Square(LINF, p_init=1.0).window_size(0, 8, 8) == 8
+    # the default is AutoAttack's: the iteration count is not rescaled
+    default = Square(LINF)
+    assert default.rescale_schedule is False and default.config()["rescale_schedule"] is False
+    assert [default.window_size(it, 32, 32) for it in (10, 11, 51, 201, 4999)] == [29, 20, 14, 10, 3]
 
 
 def test_l2_patterns_are_the_references() -> None:
@@ -205,7 +209,7 @@ def test_square_matches_pyautoattack(model_name: str, checkpoint: str, n_images:
     with torch.no_grad():
         correct = model(x).argmax(1) == y
     start = time.time()
-    ours = Square(LINF, n_queries=1000, seed=0)(model, x, y)
+    ours = Square(LINF, n_queries=1000, seed=0, rescale_schedule=True)(model, x, y)  # the reference's default
     t_ours = time.time() - start
     start = time.time()
     ref_success, ref_queries = _reference_square(model, x[correct], y[correct], 1000, seed=0)

@@ -97,7 +97,7 @@ def diversify(x: torch.Tensor, generator: torch.Generator, *, prob: float,
     with probability ``prob``. One draw per call for the whole batch; the four random numbers are
     drawn in torchattacks' order whether or not the transform is applied. Returns the (maybe)
     transformed batch and whether it was transformed. Shared by the transfer attacks and by
-    visual-prompt training (:mod:`robustkit.prompt_training`)."""
+    visual-prompt training (:mod:`robustkit.training.prompt`)."""
     side = x.shape[-1]
     low, high = sorted((int(side * resize_rate), side))
     if low < 1 or high <= low:

@@ -4,7 +4,7 @@
 
 Each method trains ResNet-20 (the smallest registered network with BatchNorm; 1 input channel,
 no normalization layer) on scikit-learn's 8×8 digits (1,297 training images) with
-``robustkit.train`` — same recipe and seed for every method: SGD momentum 0.9, weight decay 5e-4,
+``robustkit.training.loop`` — same recipe and seed for every method: SGD momentum 0.9, weight decay 5e-4,
 batch 128, lr 0.1 decayed 10× at 1/2 and 3/4 of the run, no augmentation. ``advprop`` uses its
 defaults (PGD-5, step eps/4, attack through the auxiliary BNs) and ``fast-advprop`` its reference
 defaults (20% of each batch adversarial, one step of size eps, gradient reuse, loss weights
@@ -42,7 +42,7 @@ from robustkit.data import load_dataset
 from robustkit.defenses import build_strategy
 from robustkit.defenses.advprop import auxiliary_bn, dual_layers
 from robustkit.threat import ThreatModel, parse_eps
-from robustkit.train import TrainConfig, TrainEvent, build_training_model, train
+from robustkit.training.loop import TrainConfig, TrainEvent, build_training_model, train
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "advprop.md"
@@ -179,7 +179,7 @@ def render(rows: list[dict], mnist: dict[str, float], args: argparse.Namespace) 
         base = mnist["standard"]
         lines += [
             f"Compute-bound cost: ResNet-20, 28×28 MNIST training images, batch 128, eps {args.eps}, median over "
-            f"{args.mnist_steps} training steps (first excluded) through `robustkit.train`:",
+            f"{args.mnist_steps} training steps (first excluded) through `robustkit.training.loop`:",
             "",
             "| method | s / step | cost vs standard |",
             "|---|---|---|",

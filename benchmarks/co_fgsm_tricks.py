@@ -7,7 +7,7 @@ Default setting (CPU-sized: ~2 minutes per run on one core): MNIST training imag
 ``mnist-cnn-a`` CNN (the MNIST network of Wong et al.'s "Fast is better than free" code), Adam
 lr 1e-3, batch 128, 10 epochs, fixed seed. The detector's held-out batch is MNIST *test* images
 0–255, measured after every epoch (PGD-10 with step eps/4 and a random start, and FGSM). Every
-run trains the same network from the same initialization with ``robustkit.train``; only the
+run trains the same network from the same initialization with ``robustkit.training.loop``; only the
 tricks differ. ``--data cifar10`` / ``digits`` switch to the CIFAR-10 1000-image subset or
 scikit-learn's digits (see ``--help``).
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from robustkit.train import TrainConfig, train
+from robustkit.training.loop import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "data"

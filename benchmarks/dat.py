@@ -76,7 +76,7 @@ def command(run: str, args: argparse.Namespace, out: Path) -> list[str]:
 
 
 def run_one(run: str, args: argparse.Namespace, root: Path) -> dict[str, object]:
-    from robustkit.leaderboard import Leaderboard
+    from robustkit.results.leaderboard import Leaderboard
 
     out = root / run
     out.mkdir(parents=True)

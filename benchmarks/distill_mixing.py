@@ -33,10 +33,10 @@ from torch import nn
 
 from robustkit.attacks import APGD, PGD
 from robustkit.data import load_dataset
-from robustkit.distill import DistillConfig
 from robustkit.models import load_model
 from robustkit.threat import ThreatModel
-from robustkit.train import TrainConfig, train
+from robustkit.training.distill import DistillConfig
+from robustkit.training.loop import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "distill_mixing.md"

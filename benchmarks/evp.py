@@ -14,7 +14,7 @@ the first ``--n-test`` test images. Rows:
   frame) and a new linear head, Adam lr ``--probe-lr`` (0.1; 0.01 gave 62% instead of 74%) with a
   cosine schedule;
 * ``EVP``: the prompt with input diversity (p 0.5) and gradient normalization, lr from
-  :func:`robustkit.prompting.reference_lr` (the paper's 70 at 224/30 px, scaled to the frame);
+  :func:`robustkit.models.prompted.reference_lr` (the paper's 70 at 224/30 px, scaled to the frame);
 * ``EVP without DI`` / ``without grad norm`` / ``without both`` (plain SGD on the prompt): the
   ablations. Without the normalization the step size is calibrated so that the first update has
   the same L2 norm as EVP's (``lr / ||g_0||``), which isolates what the normalization does later.
@@ -44,8 +44,8 @@ from common import SHARED, machine  # noqa: E402
 
 from robustkit.data import Dataset, load_dataset  # noqa: E402
 from robustkit.models import load_model  # noqa: E402
-from robustkit.prompt_training import PromptConfig, accuracy, build_prompted_model, train_prompt  # noqa: E402
-from robustkit.prompting import reference_lr  # noqa: E402
+from robustkit.models.prompted import reference_lr  # noqa: E402
+from robustkit.training.prompt import PromptConfig, accuracy, build_prompted_model, train_prompt  # noqa: E402
 
 RESULTS = HERE / "results" / "evp.md"
 #: run name -> (input diversity, grad norm)

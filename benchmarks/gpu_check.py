@@ -179,7 +179,7 @@ class Check:
 
     def budget(self, cls: type) -> dict[str, Any]:
         """Small budgets under --quick; the attacks' defaults otherwise."""
-        from robustkit.attack_spec import option_hints
+        from robustkit.evaluation.attack_spec import option_hints
 
         if not self.quick:
             return {}
@@ -276,8 +276,8 @@ class Check:
 
     # 4. training
     def training(self) -> None:
-        from robustkit.dat import DATConfig, train_dat
-        from robustkit.train import TrainConfig, train
+        from robustkit.training.dat import DATConfig, train_dat
+        from robustkit.training.loop import TrainConfig, train
 
         n = 64 if self.quick else 1000
         common = {"model": "resnet20", "dataset": f"npz:{self.data / 'cifar10_train1000.npz'}", "n_examples": n,

@@ -2,7 +2,7 @@
 
     python benchmarks/one_pixel_shortcut.py [--data mnist,digits,cifar10] [--seed 0]
 
-For each data set, the same network is trained twice with ``robustkit.train`` (method
+For each data set, the same network is trained twice with ``robustkit.training.loop`` (method
 ``standard``, same recipe, same seed, so the same initialization and batch order): once on the
 clean training images and once on their OPS copy, which is written with
 ``OnePixelShortcut.save`` and read back through robustkit's ``npz:PATH`` loader. Both models are
@@ -38,7 +38,7 @@ import torch
 
 from robustkit.data import load_dataset
 from robustkit.defenses.one_pixel_shortcut import OnePixelShortcut, apply
-from robustkit.train import TrainConfig, train
+from robustkit.training.loop import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "data"
@@ -116,7 +116,8 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
         "",
         f"`{' '.join(['python benchmarks/one_pixel_shortcut.py', *sys.argv[1:]])}` — CPU "
         f"({platform.machine()}, {cores} cores shared with other jobs, {torch.get_num_threads()} torch thread), "
-        f"torch {torch.__version__}, seed {args.seed}. Each row trains one network twice with `robustkit.train` "
+        f"torch {torch.__version__}, seed {args.seed}. Each row trains one network twice with "
+        "`robustkit.training.loop` "
         "(method `standard`, same recipe and seed): on the clean training images and on their OPS copy "
         "(written by `OnePixelShortcut.save`, read back through the `npz:PATH` loader). SGD momentum 0.9, "
         "weight decay 5e-4, batch 128, lr ÷10 at 1/2 and 3/4 of the run, no augmentation. Accuracies are on "

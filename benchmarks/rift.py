@@ -27,7 +27,7 @@ from common import SHARED, machine
 from robustkit import ThreatModel
 from robustkit.data import Dataset
 from robustkit.models import load_model
-from robustkit.rift import RiftConfig, clean_accuracy, robust_accuracy, run_rift
+from robustkit.training.rift import RiftConfig, clean_accuracy, robust_accuracy, run_rift
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rift.md"
 SETTINGS = {

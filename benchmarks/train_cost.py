@@ -2,7 +2,7 @@
 
     python benchmarks/train_cost.py [--model mnist-cnn-a] [--n 4096] [--epochs 3] [--repeats 3]
 
-Both methods run through ``robustkit.train`` with the per-epoch evaluation switched off
+Both methods run through ``robustkit.training.loop`` with the per-epoch evaluation switched off
 (``val_size=0``), so an epoch's ``seconds`` is the training loop alone: data, attack, forward,
 backward, optimizer step. Runs are interleaved (standard, fgsm-at, standard, ...) so load on a
 shared machine hits both alike; the ratio uses each method's fastest epoch. The goal is
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from robustkit.train import TrainConfig, train
+from robustkit.training.loop import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "data"

@@ -1,5 +1,5 @@
 """Defenses, registered in ``robustkit.registry.DEFENSES`` with a ``kind`` (installed as
-``robustkit.defenses``): ``training`` strategies for ``robustkit.train``, ``architecture``
+``robustkit.defenses``): ``training`` strategies for ``robustkit.training.loop``, ``architecture``
 transforms (the FGSM-AT tricks that change the model, AdvProp's dual BatchNorm), ``inference``
 model wrappers (AAA) and ``data`` transforms (One-Pixel Shortcut, ``robustkit poison``)."""
 

@@ -1,5 +1,5 @@
 """Training strategies (``kind = "training"``): how a batch is made adversarial and what loss is
-minimized. ``robustkit.train`` runs the loop; a strategy only sees one batch at a time.
+minimized. ``robustkit.training.loop`` runs the loop; a strategy only sees one batch at a time.
 
 Registered methods: ``standard``, ``pgd-at`` (Madry et al., 2018), ``trades`` (Zhang et al.,
 2019), ``mart`` (Wang et al., 2020), ``fgsm-rs`` (Wong, Rice and Kolter, 2020, "Fast is better

@@ -1,7 +1,7 @@
 """DAT's per-worker step (Zhang et al., UAI 2022, "Distributed Adversarial Training to Robustify
 Deep Neural Networks at Scale"): how each worker makes its shard adversarial and what it minimizes.
 The distributed loop (sharding, DistributedDataParallel, LAMB, gradient compression) is
-:mod:`robustkit.dat`.
+:mod:`robustkit.training.dat`.
 
 Two methods, with the defaults of the reference code (``main.py`` of dat-2022/dat):
 

@@ -60,8 +60,8 @@ TRANSFER = "transfer"  # in ``attacks``: the whole transfer suite of the engine
 
 def source_attack_names(attacks: Sequence[str]) -> list[str]:
     """Canonical attack names, ``transfer`` expanded to the engine's transfer suite."""
-    from robustkit.attack_spec import canonical_attack
     from robustkit.attacks.transfer import TRANSFER_SUITE
+    from robustkit.evaluation.attack_spec import canonical_attack
 
     names: list[str] = []
     for a in attacks:
@@ -140,7 +140,7 @@ class PubDef(TrainingStrategy):
 
     # -- the pool ------------------------------------------------------------------------
     def _build_attack(self, name: str) -> Any:
-        from robustkit.attack_spec import build_attack
+        from robustkit.evaluation.attack_spec import build_attack
 
         options = {k: v for k, v in (("steps", self.attack_steps), ("step_size", self.attack_step_size))
                    if v is not None}
@@ -149,7 +149,7 @@ class PubDef(TrainingStrategy):
     def surrogate_models(self) -> list[tuple[str, nn.Module, str]]:
         """``(label, model, sha256)`` per surrogate, loaded once, in eval mode, parameters frozen."""
         if self._models is None:
-            from robustkit.surrogates import load_surrogate, surrogate_labels
+            from robustkit.evaluation.surrogates import load_surrogate, surrogate_labels
 
             names = [s if isinstance(s, str) else f"model{i}" for i, s in enumerate(self.surrogates)]
             labels = surrogate_labels(names, self.checkpoints) if all(isinstance(s, str) for s in self.surrogates) \
@@ -271,7 +271,7 @@ def _check_surrogate(name: str | nn.Module, checkpoint: str | None) -> None:
 
     if is_external(name) or name in MODELS:
         return
-    from robustkit.train import read_sidecar
+    from robustkit.training.loop import read_sidecar
 
     if checkpoint and read_sidecar(checkpoint) is not None:
         return  # a derived name (architecture tricks) that the sidecar registers when loaded
@@ -285,7 +285,7 @@ def _check_surrogate(name: str | nn.Module, checkpoint: str | None) -> None:
 
 # -- the training run --------------------------------------------------------------------------------
 
-from robustkit.train import TrainConfig, TrainResult, train  # noqa: E402  (after the strategy: no cycle)
+from robustkit.training.loop import TrainConfig, TrainResult, train  # noqa: E402  (after the strategy: no cycle)
 
 
 def _listify(value: Any, *, keep_empty: bool = False) -> list[Any]:
@@ -299,7 +299,7 @@ def _listify(value: Any, *, keep_empty: bool = False) -> list[Any]:
 
 @dataclass
 class PubDefConfig(TrainConfig):
-    """A :class:`~robustkit.train.TrainConfig` for ``method="pubdef"`` with the source pool:
+    """A :class:`~robustkit.training.loop.TrainConfig` for ``method="pubdef"`` with the source pool:
     ``surrogate`` names (comma text or a list), ``surrogate_checkpoint`` one per name (empty: none),
     ``transfer_attacks`` (``transfer``: the engine's whole suite), ``selection``, ``clean_weight``
     and ``exp_alpha`` (module docstring)."""
@@ -317,7 +317,7 @@ class PubDefConfig(TrainConfig):
         self.surrogate_checkpoint = _listify(self.surrogate_checkpoint, keep_empty=True)
         self.transfer_attacks = _listify(self.transfer_attacks)
         if self.surrogate_checkpoint and not self.surrogate:
-            from robustkit.surrogates import surrogate_from_sidecar
+            from robustkit.evaluation.surrogates import surrogate_from_sidecar
 
             self.surrogate = [surrogate_from_sidecar(c) for c in self.surrogate_checkpoint]
         super().__post_init__()
@@ -334,7 +334,7 @@ class PubDefConfig(TrainConfig):
 
 
 def train_pubdef(config: PubDefConfig, **kwargs: Any) -> TrainResult:
-    """:func:`robustkit.train.train` with PubDef (same files: weights, sidecar, metrics)."""
+    """:func:`robustkit.training.loop.train` with PubDef (same files: weights, sidecar, metrics)."""
     if not isinstance(config, PubDefConfig):
         raise UsageError("train_pubdef takes a PubDefConfig.")
     return train(config, **kwargs)

@@ -1,6 +1,6 @@
 """RiFT (Zhu et al., ICCV 2023, arXiv 2308.02533) in the defense registry, kind ``training``.
 
-RiFT fine-tunes an adversarially trained model after the fact (:mod:`robustkit.rift`: module
+RiFT fine-tunes an adversarially trained model after the fact (:mod:`robustkit.training.rift`: module
 robust criticality, fine-tuning of the least critical module, weight interpolation), so it is
 not a per-batch strategy of the training loop; its entry names where it runs,
 ``robustkit train rift``, and building it as a loop strategy is a one-line error that says so.
@@ -17,7 +17,7 @@ from robustkit.threat import ThreatModel
 
 @DEFENSES.register("rift", aliases=("robust-critical-fine-tuning",))
 class RiFT:
-    """Robust critical fine-tuning; run by ``robustkit train rift`` / :func:`robustkit.rift.run_rift`."""
+    """Robust critical fine-tuning; run by ``robustkit train rift`` / :func:`robustkit.training.rift.run_rift`."""
 
     kind: ClassVar[str] = "training"
     name = "rift"

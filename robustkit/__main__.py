@@ -1,5 +1,5 @@
 """``python -m robustkit`` (also what ``torchrun -m robustkit`` runs)."""
 
-from .cli import main
+from robustkit.cli import main
 
 main()

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .errors import DataError, UsageError
-from .threat import ThreatModel
+from robustkit.errors import DataError, UsageError
+from robustkit.threat import ThreatModel
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 
-from .errors import UsageError
-from .registry import ATTACKS, DATASETS, DEFENSES, MODELS, Registry
+from robustkit.errors import UsageError
+from robustkit.registry import ATTACKS, DATASETS, DEFENSES, MODELS, Registry
 
 
 def _first_line(obj: object) -> str:
@@ -21,7 +21,7 @@ def catalog(
     if source == "robustbench":
         if what != "models":
             raise UsageError(f"--source robustbench lists models, not {what}.")
-        from .models.robustbench import zoo_catalog
+        from robustkit.models.robustbench import zoo_catalog
 
         return zoo_catalog(dataset, threat_model)
     if dataset or threat_model:

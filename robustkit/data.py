@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError, UsageError
-from .registry import DATASETS
+from robustkit.errors import DataError, UsageError
+from robustkit.registry import DATASETS
 
 SPLITS = ("train", "test")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UsageError
+from robustkit.errors import UsageError
 
 
 def check_dir(path: str | Path, option: str) -> Path:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
-from .errors import UnknownNameError
+from robustkit.errors import UnknownNameError
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import torch
 
-from .errors import UsageError
+from robustkit.errors import UsageError
 
 NORMS = ("linf", "l2", "l1")
 

@@ -285,7 +285,7 @@ def test_ece_known_value_and_errors() -> None:
 
 def test_eval_defense_aaa_writes_its_own_rows(tmp_path, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
     from robustkit.cli import main
-    from robustkit.leaderboard import Leaderboard
+    from robustkit.results.leaderboard import Leaderboard
 
     db = tmp_path / "lb.db"
     base = ["eval", "--attack", "square", "--attack-kwargs", "n_queries=50", "--n-examples", "30", "--db", str(db),

@@ -33,7 +33,7 @@ from robustkit.errors import UsageError
 from robustkit.models import build_model
 from robustkit.registry import DEFENSES
 from robustkit.threat import ThreatModel
-from robustkit.train import TrainConfig, load_trained_model, read_sidecar, train
+from robustkit.training.loop import TrainConfig, load_trained_model, read_sidecar, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,11 +11,18 @@ import torch
 from torch import nn
 
 from robustkit import ThreatModel
-from robustkit.attack_spec import build_attack, canonical_attack, options_for, parse_kwargs, split_attacks, with_backend
 from robustkit.attacks import AutoAttack, PyAutoAttack, TorchAttacks
 from robustkit.cli import main
 from robustkit.errors import DependencyError, UsageError
-from robustkit.leaderboard import Leaderboard
+from robustkit.evaluation.attack_spec import (
+    build_attack,
+    canonical_attack,
+    options_for,
+    parse_kwargs,
+    split_attacks,
+    with_backend,
+)
+from robustkit.results.leaderboard import Leaderboard
 
 from conftest import cifar10_test, pyautoattack_checkpoint, shared_file
 

@@ -25,7 +25,7 @@ from robustkit.models import ZooModel, build_model, load_model, model_info
 from robustkit.models.robust_cnn import RobustBlock, RobustResNet, stage_strides
 from robustkit.models.starnet import StarBlock, starnet
 from robustkit.registry import MODELS
-from robustkit.train import TrainConfig, build_training_model, load_trained_model, train
+from robustkit.training.loop import TrainConfig, build_training_model, load_trained_model, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

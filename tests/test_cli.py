@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from robustkit import __version__
 from robustkit.cli import main
-from robustkit.leaderboard import Leaderboard
 from robustkit.models import build_model
+from robustkit.results.leaderboard import Leaderboard
 
 from conftest import shared_file
 

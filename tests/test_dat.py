@@ -29,8 +29,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from robustkit.cli import main
-from robustkit.compression import dequantize, levels, quantize, register_compression
-from robustkit.dat import (
+from robustkit.data import load_dataset
+from robustkit.defenses import DAT, DATFGSM, UNLABELED, TrickOptions, build_strategy
+from robustkit.errors import DataError, UsageError
+from robustkit.results.leaderboard import Leaderboard
+from robustkit.threat import ThreatModel
+from robustkit.training.compression import dequantize, levels, quantize, register_compression
+from robustkit.training.dat import (
     DATConfig,
     WorkerLostError,
     epoch_indices,
@@ -39,13 +44,8 @@ from robustkit.dat import (
     start_keys,
     train_dat,
 )
-from robustkit.data import load_dataset
-from robustkit.defenses import DAT, DATFGSM, UNLABELED, TrickOptions, build_strategy
-from robustkit.errors import DataError, UsageError
-from robustkit.leaderboard import Leaderboard
-from robustkit.optim import LAMB
-from robustkit.threat import ThreatModel
-from robustkit.train import build_training_model
+from robustkit.training.loop import build_training_model
+from robustkit.training.optim import LAMB
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Distillation (robustkit.distill): a student learns from the packaged robust digits-cnn teacher,
+"""Distillation (robustkit.training.distill): a student learns from the packaged robust digits-cnn teacher,
 the feature objectives decrease, the projections are trained, saved and reloaded (also across a
 resume), pgd-at robust distillation runs, feature taps and input masking behave, errors are clear.
 
@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from robustkit.cli import main
-from robustkit.distill import (
+from robustkit.errors import CheckpointError, UsageError
+from robustkit.models import ModelInfo, ZooModel, load_model
+from robustkit.training.distill import (
     DistillConfig,
     FeatureTap,
     Projections,
@@ -23,9 +25,7 @@ from robustkit.distill import (
     load_teacher,
     mask_input,
 )
-from robustkit.errors import CheckpointError, UsageError
-from robustkit.models import ModelInfo, ZooModel, load_model
-from robustkit.train import load_trained_model
+from robustkit.training.loop import load_trained_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

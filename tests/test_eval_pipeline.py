@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from robustkit import ThreatModel
-from robustkit import diagnostics as diag
 from robustkit.attacks import PGD
 from robustkit.cli import main
-from robustkit.evaluate import _clock
-from robustkit.experiment import EvalSpec, run_grid
-from robustkit.leaderboard import Leaderboard
-from robustkit.records import read_records
+from robustkit.evaluation import diagnostics as diag
+from robustkit.evaluation.grid import EvalSpec, run_grid
+from robustkit.evaluation.records import read_records
+from robustkit.evaluation.runner import _clock
+from robustkit.results.leaderboard import Leaderboard
 
 from conftest import shared_file
 
@@ -299,7 +299,7 @@ def test_sanity_checks_trip(digits_batch: tuple, wrapper: type, fragment: str) -
 
 def test_a_model_returning_a_tuple_is_evaluated_with_a_warning(digits_batch: tuple) -> None:
     from robustkit.data import Dataset
-    from robustkit.evaluate import evaluate
+    from robustkit.evaluation.runner import evaluate
 
     model, x, y = digits_batch
     data = Dataset("digits", x, y, 10)
@@ -319,7 +319,7 @@ def test_gradient_masking_checks_trip_on_a_masked_model(digits_batch: tuple) -> 
 def test_eps_monotonicity_and_black_box_checks() -> None:
     assert diag.non_monotone_in_eps([(0.1, 0.5), (0.2, 0.4)], "m") == []
     assert "rises" in diag.non_monotone_in_eps([(0.1, 0.4), (0.2, 0.5)], "m")[0]
-    from robustkit.evaluate import EvalResult
+    from robustkit.evaluation.runner import EvalResult
 
     arrays = {"index": np.arange(3), "label": np.zeros(3, int), "clean_pred": np.zeros(3, int),
               "success:pgd": np.array([True, False, False]), "success:square": np.array([True, True, False])}

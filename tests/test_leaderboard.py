@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import robustkit.leaderboard
+import robustkit.results.leaderboard
 from robustkit.errors import DataError, ResultExistsError, UsageError
-from robustkit.leaderboard import EXPORT_FORMATS, Leaderboard, ResultRow, eps_str, export
+from robustkit.results.leaderboard import EXPORT_FORMATS, Leaderboard, ResultRow, eps_str, export
 
 
 def make_row(**changes) -> ResultRow:
@@ -166,7 +166,7 @@ def test_not_a_database(tmp_path: Path) -> None:
         Leaderboard(tmp_path / "junk.db")
 
 
-PACKAGE_DIR = str(Path(robustkit.leaderboard.__file__).parent)
+PACKAGE_DIR = str(Path(robustkit.results.leaderboard.__file__).parent)
 
 # A worker process: waits for the start file, then adds rows (seeds ``first .. first+count-1``)
 # and prints how many it added and how many already existed.
@@ -177,7 +177,7 @@ from pathlib import Path
 sys.modules["robustkit"] = types.ModuleType("robustkit")
 sys.modules["robustkit"].__path__ = [PACKAGE_DIR]
 from robustkit.errors import ResultExistsError
-from robustkit.leaderboard import Leaderboard, ResultRow
+from robustkit.results.leaderboard import Leaderboard, ResultRow
 db, start, ready, first, count = sys.argv[1:]
 Path(ready).touch()
 while not Path(start).exists():

@@ -1,4 +1,4 @@
-"""Data mixing (robustkit.mixing) and ``--mix`` in the training loop: soft labels that sum to 1
+"""Data mixing (robustkit.training.mixing) and ``--mix`` in the training loop: soft labels that sum to 1
 and weigh each source by what the mixed image really holds, mixup's identity at lam = 1, CutMix's
 area rule, SDMP's flipped pairing, one training step of every method with a mix, clear errors."""
 
@@ -10,8 +10,8 @@ import torch
 from robustkit.cli import main
 from robustkit.data import load_dataset
 from robustkit.errors import UsageError
-from robustkit.mixing import MIXES, box, check_mix, cutmix, make_mixer, mixup, one_hot, sdmp
-from robustkit.train import TrainConfig, train
+from robustkit.training.loop import TrainConfig, train
+from robustkit.training.mixing import MIXES, box, check_mix, cutmix, make_mixer, mixup, one_hot, sdmp
 
 METHODS = ["standard", "pgd-at", "trades", "mart", "fgsm-rs", "fgsm-at"]
 

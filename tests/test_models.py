@@ -381,7 +381,7 @@ class _FixedSize(nn.Module):
 
 def test_a_model_that_asserts_its_input_size_is_a_clear_error() -> None:
     from robustkit.data import load_dataset
-    from robustkit.evaluate import check_model_fits
+    from robustkit.evaluation.runner import check_model_fits
 
     with pytest.raises(UsageError, match=r"cannot take digits images of shape \(1, 8, 8\): Input width \(8\)"):
         check_model_fits(_FixedSize(), load_dataset("digits", n_examples=4), torch.device("cpu"))

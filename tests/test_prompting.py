@@ -22,8 +22,7 @@ from robustkit.cli import main
 from robustkit.data import load_dataset
 from robustkit.errors import CheckpointError, UsageError
 from robustkit.models import load_model
-from robustkit.prompt_training import PromptConfig, prompt_step, prompt_update, train_prompt
-from robustkit.prompting import (
+from robustkit.models.prompted import (
     PromptedModel,
     default_prompt_size,
     frequency_label_map,
@@ -33,6 +32,7 @@ from robustkit.prompting import (
     resolve_label_map,
 )
 from robustkit.threat import ThreatModel
+from robustkit.training.prompt import PromptConfig, prompt_step, prompt_update, train_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

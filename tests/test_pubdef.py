@@ -20,7 +20,7 @@ from robustkit.cli import main
 from robustkit.data import load_dataset
 from robustkit.defenses.pubdef import PubDef, PubDefConfig
 from robustkit.errors import UsageError, UserError
-from robustkit.experiment import TRANSFER, WORST_CASE, EvalSpec, Grid, run_grid
+from robustkit.evaluation.grid import TRANSFER, WORST_CASE, EvalSpec, Grid, run_grid
 from robustkit.models import load_model
 from robustkit.threat import ThreatModel
 

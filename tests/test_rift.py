@@ -19,7 +19,9 @@ from robustkit.cli import main
 from robustkit.data import Dataset, load_dataset
 from robustkit.errors import UsageError
 from robustkit.models import build_model, load_model
-from robustkit.rift import (
+from robustkit.threat import ThreatModel
+from robustkit.training.loop import load_trained_model
+from robustkit.training.rift import (
     InterpolationPoint,
     RiftConfig,
     adversarial_set,
@@ -34,8 +36,6 @@ from robustkit.rift import (
     run_rift,
     select_alpha,
 )
-from robustkit.threat import ThreatModel
-from robustkit.train import load_trained_model
 
 from conftest import cifar10_test, shared_file
 

@@ -19,8 +19,8 @@ import torch
 
 from robustkit.cli import main
 from robustkit.errors import DependencyError, UsageError
-from robustkit.leaderboard import Leaderboard, ResultRow
 from robustkit.models import load_model
+from robustkit.results.leaderboard import Leaderboard, ResultRow
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,7 @@ def test_without_the_extra_one_sentence(
 
 def test_core_never_imports_robustbench() -> None:
     code = (
-        "import sys, robustkit, robustkit.cli, robustkit.experiment, robustkit.robustbench_format; "
+        "import sys, robustkit, robustkit.cli, robustkit.evaluation.grid, robustkit.results.robustbench; "
         "from robustkit.catalog import catalog; catalog('models'); "
         "from robustkit.models import load_model; load_model('digits-cnn'); "
         "assert 'robustbench' not in sys.modules, 'robustbench imported'"

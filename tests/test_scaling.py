@@ -12,7 +12,7 @@ import pytest
 
 from robustkit.cli import main
 from robustkit.errors import DataError, UsageError
-from robustkit.scaling import fit_power_law, scaling_reports
+from robustkit.results.scaling import fit_power_law, scaling_reports
 
 
 def test_exact_power_law_is_recovered() -> None:

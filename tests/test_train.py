@@ -21,15 +21,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from robustkit.cli import main
-from robustkit.co_detector import CODetector
 from robustkit.data import load_dataset
 from robustkit.defenses import TrickOptions, build_strategy, pixel_mask
 from robustkit.defenses.fgsm_tricks import MaskInit, SmoothActivation, first_conv, relu_calls
 from robustkit.errors import UsageError
 from robustkit.models import build_model, load_model
-from robustkit.optim import LAMB, lr_factor
 from robustkit.threat import ThreatModel
-from robustkit.train import (
+from robustkit.training.co_detector import CODetector
+from robustkit.training.loop import (
     TrainConfig,
     build_training_model,
     load_trained_model,
@@ -37,6 +36,7 @@ from robustkit.train import (
     sidecar_model_name,
     train,
 )
+from robustkit.training.optim import LAMB, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["standard", "pgd-at", "trades", "mart", "fgsm-rs", "fgsm-at"]
@@ -414,7 +414,7 @@ def test_cli_trains_evaluates_and_refuses_to_overwrite(capsys: pytest.CaptureFix
                                 "--device", "cpu", "--quiet")
     assert code == 0, err
     assert "PGD-10" in stdout and "--eval" in stdout and (out / "model.safetensors").is_file()
-    from robustkit.leaderboard import Leaderboard
+    from robustkit.results.leaderboard import Leaderboard
 
     frame = Leaderboard(db).frame()
     assert sorted(frame["attack"]) == ["autoattack:apgd-ce", "fgsm", "worst-case"]

@@ -4,7 +4,7 @@
 safely, and puts the normalization its weights expect in front, so models take [0, 1] pixels.
 """
 
-from . import (  # noqa: F401  (imported so that they register their architectures)
+from robustkit.models import (  # noqa: F401  (imported so that they register their architectures)
     abcrown_resnet,
     preact_resnet,
     resnet_cifar,
@@ -14,11 +14,11 @@ from . import (  # noqa: F401  (imported so that they register their architectur
     starnet,
     wide_resnet,
 )
-from .build import PACKAGED_WEIGHTS, build_model, load_model, model_info, weights_sha256
-from .checkpoint import apply_state_dict, file_sha256, load_state_dict
-from .external import is_external
-from .normalize import PRESETS, Normalize, parse_normalize
-from .zoo import ModelInfo, ZooModel, register_model
+from robustkit.models.build import PACKAGED_WEIGHTS, build_model, load_model, model_info, weights_sha256
+from robustkit.models.checkpoint import apply_state_dict, file_sha256, load_state_dict
+from robustkit.models.external import is_external
+from robustkit.models.normalize import PRESETS, Normalize, parse_normalize
+from robustkit.models.zoo import ModelInfo, ZooModel, register_model
 
 __all__ = [
     "PACKAGED_WEIGHTS",

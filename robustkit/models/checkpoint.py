@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, UsageError
-from .normalize import Normalize
-from .zoo import ZooModel
+from robustkit.errors import CheckpointError, UsageError
+from robustkit.models.normalize import Normalize
+from robustkit.models.zoo import ZooModel
 
 StateDict = dict[str, torch.Tensor]
 

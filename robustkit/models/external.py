@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..errors import DependencyError, UnknownNameError, UsageError
-from .zoo import ModelInfo
+from robustkit.errors import DependencyError, UnknownNameError, UsageError
+from robustkit.models.zoo import ModelInfo
 
 PREFIXES = ("torchvision", "timm")
 

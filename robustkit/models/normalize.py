@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import DataError, UsageError
+from robustkit.errors import DataError, UsageError
 
 MeanStd = tuple[tuple[float, ...], tuple[float, ...]]
 

@@ -31,8 +31,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..errors import UsageError
-from .zoo import register_model
+from robustkit.errors import UsageError
+from robustkit.models.zoo import register_model
 
 BLOCKS = ("dw", "inverted", "up-inverted", "down-inverted")
 CLASSIC_STEMS = ("imagenet", "cifar")

@@ -17,9 +17,9 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import UnknownNameError, UsageError
-from .robustbench_import import import_robustbench
-from .zoo import ModelInfo
+from robustkit.errors import UnknownNameError, UsageError
+from robustkit.models.robustbench_import import import_robustbench
+from robustkit.models.zoo import ModelInfo
 
 PREFIX = "robustbench"
 DATASETS = ("cifar10", "cifar100", "imagenet")

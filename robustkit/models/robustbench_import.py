@@ -29,7 +29,7 @@ import types
 import warnings
 from collections.abc import Iterator
 
-from ..errors import DependencyError
+from robustkit.errors import DependencyError
 
 #: What to run to get robustbench and everything it needs.
 INSTALL = "pip install 'robustkit[robustbench]'"

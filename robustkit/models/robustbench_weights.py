@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, UsageError
-from .checkpoint import apply_state_dict, read_checkpoint, unwrap_state_dict
-from .robustbench import ZooRef, robustbench_info, weight_files, zoo_entry
-from .robustbench_import import import_robustbench
-from .zoo import ZooModel
+from robustkit.errors import CheckpointError, UsageError
+from robustkit.models.checkpoint import apply_state_dict, read_checkpoint, unwrap_state_dict
+from robustkit.models.robustbench import ZooRef, robustbench_info, weight_files, zoo_entry
+from robustkit.models.robustbench_import import import_robustbench
+from robustkit.models.zoo import ZooModel
 
 #: RobustBench's own default ``model_dir``.
 DEFAULT_MODEL_DIR = "./models"

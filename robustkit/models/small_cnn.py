@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .zoo import register_model
+from robustkit.models.zoo import register_model
 
 
 def _conv_stack(

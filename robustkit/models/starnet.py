@@ -18,9 +18,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import UsageError
-from .robust_cnn import DropPath, drop_path_rates
-from .zoo import register_model
+from robustkit.errors import UsageError
+from robustkit.models.robust_cnn import DropPath, drop_path_rates
+from robustkit.models.zoo import register_model
 
 
 class ConvBN(nn.Sequential):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .zoo import register_model
+from robustkit.models.zoo import register_model
 
 
 class BasicBlock(nn.Module):

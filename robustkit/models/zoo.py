@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..registry import MODELS
-from .normalize import Normalize
+from robustkit.models.normalize import Normalize
+from robustkit.registry import MODELS
 
 
 @dataclass(frozen=True)

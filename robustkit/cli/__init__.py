@@ -1,0 +1,5 @@
+"""The ``robustkit`` command line (``robustkit.cli:main``)."""
+
+from robustkit.cli.main import cli, main
+
+__all__ = ["cli", "main"]

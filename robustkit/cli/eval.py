@@ -1,0 +1,139 @@
+"""`robustkit eval`: a grid of models x eps x attacks into the leaderboard (robustkit.evaluation)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import click
+from rich.table import Table
+from rich.text import Text
+
+from robustkit.cli.console import ProgressBars, err, out
+
+
+@click.command("eval")
+@click.option("--model", help="Model name(s), comma-separated: registered names, timm:NAME, torchvision:NAME, "
+              "robustbench:NAME. [default: digits-cnn]")
+@click.option("--checkpoint", help="Checkpoint file(s), one per model: .safetensors, or .pt/.pth (weights_only).")
+@click.option("--sha256", help="Expected sha256 of the checkpoint file.")
+@click.option("--normalize", help="default (the model's), cifar10, imagenet, none, or m1,m2,m3:s1,s2,s3.")
+@click.option("--threat-model", help="RobustBench threat model of robustbench: models (Linf, L2, corruptions); "
+              "sets the default --norm and --eps. [default: Linf]")
+@click.option("--model-dir", type=click.Path(file_okay=False),
+              help="RobustBench's weights folder: <model-dir>/<dataset>/<threat-model>/<name>.pt. [default: ./models]")
+@click.option("--dataset", help="Registered name or npz:PATH. [default: digits]")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with the torchvision dataset files.")
+@click.option("--download", is_flag=True, default=None,
+              help="Let torchvision download the dataset and RobustBench the weights of robustbench: models.")
+@click.option("--split", type=click.Choice(["test", "train"]), help="[default: test]")
+@click.option("--n-examples", type=int, help="Evaluate the first N examples (default: all).")
+@click.option("--attack", help="Attack name(s), comma-separated; autoattack[:plus|rand|LIST], "
+              "torchattacks:CLASS, pyautoattack[:...]; transfer (with --surrogate): PGD, MI-, DI-, TI-, MDTI-FGSM. "
+              "[default: pgd]")
+@click.option("--backend", type=click.Choice(["native", "torchattacks", "autoattack"]),
+              help="Run the attacks with robustkit (native), torchattacks or pyautoattack. [default: native]")
+@click.option("--attack-kwargs", help="Attack options key=value,...; attack.key=value for one attack (pgd.steps=50).")
+@click.option("--defense", help="An inference defense wrapping the model, e.g. aaa (see `robustkit list defenses`).")
+@click.option("--defense-kwargs", help="Options of the defense, key=value,...")
+@click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), help="[default: linf; l2 for --threat-model L2]")
+@click.option("--eps", help="Radius or radii, comma-separated, e.g. 2/255,8/255. [default: 0.1; RobustBench's "
+              "for robustbench: models, e.g. 8/255 on cifar10 Linf]")
+@click.option("--seed", type=int, help="[default: 0]")
+@click.option("--batch-size", type=int, help="[default: 256]")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]")
+@click.option("--diagnose/--no-diagnose", default=None, help="Gradient-masking and sanity checks (on for autoattack).")
+@click.option("--records", "records_dir", type=click.Path(file_okay=False),
+              help="Folder for per-sample records (default: records/ in the leaderboard file's folder, "
+              "~/.robustkit/records for the default leaderboard; the resumable batch cache goes there too, in runs/).")
+@click.option("--save-adv", type=click.Path(file_okay=False), help="Store adversarial examples here (safetensors).")
+@click.option("--surrogate", help="Craft the attacks on these models (comma-separated) and score them on --model "
+              "(transfer); one row ATTACK@SURROGATE each. With --attack transfer: every transfer attack from "
+              "every surrogate, plus their worst case (row `transfer`).")
+@click.option("--surrogate-checkpoint", help="Checkpoints of the surrogates, comma-separated in the same order "
+              "(an empty entry for none); without --surrogate, the names come from the checkpoints' sidecars.")
+@click.option("--prompt", help="A visual prompt from `robustkit train prompt` (.safetensors) around the "
+              "model; without --model, the backbone it was trained on.")
+@click.option("--config", type=click.Path(dir_okay=False, exists=True), help="Read the evaluation from a YAML file.")
+@click.option("--dump-config", is_flag=True, help="Print the YAML config of this command line and exit.")
+@click.option("--db", type=click.Path(dir_okay=False), help="Leaderboard file (default ~/.robustkit/leaderboard.db).")
+@click.option("--overwrite", is_flag=True, help="Recompute cells already in the leaderboard.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: bool, quiet: bool, as_json: bool,
+             attack_kwargs: str | None, defense_kwargs: str | None, **options: object) -> None:
+    """Evaluate clean and robust accuracy over a grid of models × eps × attacks.
+
+    Each attack writes a leaderboard row per cell (model, eps), plus a worst-case row when there
+    are several attacks; a killed run continues where it stopped when run again.
+
+    \b
+    Examples:
+      robustkit eval
+      robustkit eval --model resnet20 --checkpoint resnet20-12fca82f.th \\
+          --dataset npz:cifar10_test1000.npz --n-examples 200 --attack fgsm,pgd --eps 2/255,8/255
+      robustkit eval --model wrn28 --checkpoint w.safetensors --dataset cifar10 --data-dir ~/data \\
+          --attack pgd --attack-kwargs steps=50,restarts=2 --eps 8/255
+      robustkit eval --model resnet4b --checkpoint resnet4b.pth --dataset cifar10 --attack autoattack --eps 8/255
+      robustkit eval --model robustbench:Carmon2019Unlabeled --dataset cifar10 --threat-model Linf \\
+          --model-dir ~/models --attack autoattack                  # RobustBench's zoo, weights and eps
+      robustkit eval ... --attack autoattack:apgd-ce,square --attack-kwargs square.n_queries=1000
+      robustkit eval ... --attack autoattack --backend autoattack     # pyautoattack, to compare
+      robustkit eval ... --attack PGD --backend torchattacks --attack-kwargs steps=10,alpha=0.01
+      robustkit eval --model digits-cnn --checkpoint runs/pubdef/model.safetensors --attack transfer \\
+          --surrogate digits-cnn,digits-cnn --surrogate-checkpoint runs/s1/model.safetensors,runs/s2/model.safetensors
+      robustkit eval --config eval.yaml
+      torchrun --nproc-per-node 4 -m robustkit eval --config eval.yaml   # sharded
+    """
+    from robustkit.evaluation.grid import EvalSpec, dump_json, parse_kwargs, run_grid
+
+    given = {k: v for k, v in options.items() if v is not None}
+    if attack_kwargs is not None:
+        given["attack_kwargs"] = parse_kwargs(attack_kwargs)
+    if defense_kwargs is not None:
+        given["defense_kwargs"] = parse_kwargs(defense_kwargs)
+    base = dataclasses.asdict(EvalSpec.from_yaml(config)) if config else {}
+    spec = EvalSpec(**{**base, **given})
+    if dump_config:
+        click.echo(spec.to_yaml(), nl=False)
+        return
+    cells = len(spec.model) * len(spec.eps)
+    with ProgressBars(enabled=not (quiet or as_json), cells=cells) as bars:
+        reports = run_grid(spec, db=db, overwrite=overwrite, progress=bars)
+    if not reports:  # a rank other than 0 under torchrun
+        return
+    if as_json:
+        click.echo(dump_json(reports))
+        return
+    for report in reports:
+        for r in report.existing:
+            err.print(Text(f"{r.model} {r.attack} eps={_eps_str(r.eps)}: already in the leaderboard (shown "
+                           "below); pass --overwrite to recompute.", style="yellow"), soft_wrap=True)
+        _print_cell(report)
+
+
+def _print_cell(report) -> None:  # noqa: ANN001
+    rows = report.existing + report.rows
+    if not rows:
+        return
+    first = rows[0]
+    defense = f" + {first.defense}" if first.defense else ""
+    title = f"{first.model}{defense} on {first.dataset} (n={first.n_examples}), {first.norm} eps={_eps_str(first.eps)}"
+    table = Table(title=title)
+    table.add_column("attack")
+    table.add_column("clean acc", justify="right")
+    table.add_column("robust acc", justify="right")
+    table.add_column("seconds", justify="right")
+    for r in rows:
+        table.add_row(r.attack, f"{100 * r.clean_acc:.2f}%", f"{100 * r.robust_acc:.2f}%", f"{r.seconds:.1f}")
+        for stage, acc in (r.extra or {}).get("per_stage", {}).get(r.attack, {}).items():
+            table.add_row(f"  after {stage}", "", f"{100 * acc:.2f}%", "")
+    out.print(table)
+    for warning in report.warnings:
+        out.print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
+
+
+def _eps_str(eps: float) -> str:
+    from robustkit.results.leaderboard import eps_str
+
+    return eps_str(eps)
+

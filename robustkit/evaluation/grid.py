@@ -1,0 +1,490 @@
+"""Evaluations as library calls: a grid of models × eps × attacks in, results and leaderboard rows out.
+
+This is what ``robustkit eval`` runs; a notebook user can call :func:`run_grid` the same way.
+One *cell* is one model at one eps with all attacks: it writes one leaderboard row per attack,
+plus a ``worst-case`` row when there are several attacks, per-sample records and, on request,
+the adversarial examples. Cells resume from their per-batch store after an interruption.
+
+Transfer threat model (PubDef, Sitawarin et al. 2023): with ``surrogate=[a, b, ...]`` every attack
+is crafted on every surrogate and scored on the evaluated model, one row ``ATTACK@SURROGATE``
+each; the attack name ``transfer`` stands for the engine's transfer attacks
+(:data:`~robustkit.attacks.transfer.TRANSFER_SUITE`: PGD, MI-, DI-, TI-, MDTI-FGSM) and adds the
+row ``transfer``: the per-sample worst case over those sources × attacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from robustkit import __version__
+from robustkit import distributed as dist
+from robustkit.attack import Attack
+from robustkit.data import Dataset, load_dataset
+from robustkit.errors import UsageError
+from robustkit.evaluation import diagnostics as diag
+from robustkit.evaluation.attack_spec import (
+    build_attack,
+    canonical_attack,
+    check_options_used,
+    options_for,
+    parse_kwargs,
+    split_attacks,
+    with_backend,
+)
+from robustkit.evaluation.records import save_adversarial, write_records
+from robustkit.evaluation.runner import BatchStore, EvalResult, ProgressFn, evaluate, merge_results, resolve_device
+from robustkit.evaluation.surrogates import load_surrogate, surrogate_from_sidecar, surrogate_labels
+from robustkit.models import load_model, weights_sha256
+from robustkit.models import robustbench as rb
+from robustkit.models.checkpoint import check_sha256
+from robustkit.models.robustbench_weights import check_normalize, locate_weights
+from robustkit.results.leaderboard import Leaderboard, ResultRow, canonical_json, eps_str
+from robustkit.threat import ThreatModel, parse_eps
+
+WORST_CASE = "worst-case"
+TRANSFER = "transfer"  # --attack transfer: every transfer attack from every surrogate, and their worst case
+SCORE_BASED = ("square",)  # attacks that use only model outputs (for the gradient-masking check)
+LOCK_POLL_S = 0.5  # how often a run waiting for another process's cell tries its lock again
+
+log = logging.getLogger("robustkit.eval")
+
+
+def _split(value: str | Sequence[Any] | None) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value)
+
+
+@dataclass
+class EvalSpec:
+    """A grid: every model (with its checkpoint) at every eps under all attacks, on one data set.
+    Round-trips through YAML (``--config`` / ``--dump-config``)."""
+
+    model: list[str] = field(default_factory=list)  # empty: from the checkpoints' sidecars, else digits-cnn
+    checkpoint: list[str | None] = field(default_factory=list)
+    sha256: str | None = None
+    normalize: str | None = "default"
+    threat_model: str | None = None  # RobustBench's (Linf, L2, ...): robustbench: models' zoo, default norm and eps
+    model_dir: str | None = None  # RobustBench's weights folder (<model_dir>/<dataset>/<threat_model>/<name>.pt)
+    dataset: str = "digits"
+    data_dir: str | None = None
+    split: str = "test"
+    n_examples: int | None = None
+    download: bool = False
+    attack: list[str] = field(default_factory=lambda: ["pgd"])
+    attack_kwargs: dict[str, Any] = field(default_factory=dict)
+    backend: str = "native"  # native, torchattacks or autoattack (pyautoattack)
+    defense: str | None = None  # an inference defense wrapping every model (e.g. aaa)
+    defense_kwargs: dict[str, Any] = field(default_factory=dict)
+    norm: str | None = None  # default: from threat_model (L2 -> l2), else linf
+    eps: list[float] = field(default_factory=list)  # default: RobustBench's eps for robustbench: models, else 0.1
+    seed: int = 0
+    batch_size: int = 256
+    device: str = "auto"
+    diagnose: bool | None = None  # None: on when the attacks include an AutoAttack
+    records_dir: str | None = None
+    save_adv: str | None = None
+    surrogate: list[str] = field(default_factory=list)  # craft on these models, score on each evaluated model
+    surrogate_checkpoint: list[str | None] = field(default_factory=list)  # one per surrogate ("" = none)
+    prompt: str | None = None  # a trained visual prompt (robustkit train prompt) around every model
+
+    def __post_init__(self) -> None:
+        self.model = _split(self.model)
+        self.attack = split_attacks(self.attack)
+        self.checkpoint = [c or None for c in _split(self.checkpoint)]
+        self.eps = [parse_eps(e) for e in _split(self.eps if not isinstance(self.eps, int | float) else [self.eps])]
+        if self.prompt and not self.model:  # the backbone the prompt was trained on
+            from robustkit.models.prompted import prompt_backbone
+
+            model, checkpoint = prompt_backbone(self.prompt)
+            self.model, self.checkpoint = [model], self.checkpoint or [checkpoint]
+        if not self.model:
+            self.model = [_model_from_sidecar(c) for c in self.checkpoint] or ["digits-cnn"]
+        self._robustbench_defaults()
+        self._surrogate_defaults()
+        if not self.attack or not self.eps:
+            raise UsageError("An evaluation needs at least one attack and one eps.")
+        if self.checkpoint and len(self.checkpoint) not in (1, len(self.model)):
+            raise UsageError(f"Give one checkpoint per model: {len(self.model)} models, "
+                             f"{len(self.checkpoint)} checkpoints.")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}.")
+
+    def _robustbench_defaults(self) -> None:
+        """Qualify ``robustbench:NAME`` models with the dataset and threat model, and fill norm and
+        eps: RobustBench's for its models (cifar10 Linf: 8/255), else linf and 0.1."""
+        if self.threat_model:
+            self.threat_model = rb.canonical_threat_model(self.threat_model)
+        self.norm = self.norm or ("l2" if self.threat_model == "L2" else "linf")
+        dataset = self.dataset if self.dataset.lower() in rb.DATASETS else None
+        threat = self.threat_model or rb.threat_model_for_norm(self.norm)
+        self.model = [rb.qualify(m, dataset, threat) if rb.is_robustbench(m) else m for m in self.model]
+        refs = [rb.parse_ref(m) for m in self.model if rb.is_robustbench(m)]
+        if self.model_dir and not refs:
+            raise UsageError("--model-dir locates RobustBench weights; give a robustbench: model with it.")
+        if not self.eps:
+            zoo_eps = rb.benchmark_eps(refs[0].dataset if refs else self.dataset.lower(), self.norm)
+            self.eps = [zoo_eps if zoo_eps is not None and (refs or self.threat_model) else 0.1]
+
+    def _surrogate_defaults(self) -> None:
+        """Surrogates and their checkpoints as matching lists (names from the checkpoints' sidecars
+        when left out); ``transfer`` needs at least one surrogate."""
+        self.surrogate = _split(self.surrogate)
+        ckpts = self.surrogate_checkpoint
+        if isinstance(ckpts, str):  # keep empty places: "a.safetensors,,c.safetensors"
+            ckpts = ckpts.split(",") if ckpts.strip() else []
+        self.surrogate_checkpoint = [str(c).strip() or None if c is not None else None for c in ckpts or []]
+        if self.surrogate_checkpoint and not self.surrogate:
+            self.surrogate = [surrogate_from_sidecar(c) for c in self.surrogate_checkpoint]
+        if self.surrogate_checkpoint and len(self.surrogate_checkpoint) != len(self.surrogate):
+            raise UsageError(f"Give one --surrogate-checkpoint per surrogate, in the same order (an empty entry "
+                             f"for none): {len(self.surrogate)} surrogate(s), {len(self.surrogate_checkpoint)} "
+                             f"checkpoint(s).")
+        if any(a.strip().lower() == TRANSFER for a in self.attack) and not self.surrogate:
+            raise UsageError("--attack transfer crafts on public (surrogate) models; name them with "
+                             "--surrogate NAME[,NAME...].")
+
+    def surrogate_checkpoint_of(self, i: int) -> str | None:
+        return self.surrogate_checkpoint[i] if self.surrogate_checkpoint else None
+
+    def checkpoint_of(self, i: int) -> str | None:
+        if not self.checkpoint:
+            return None
+        return self.checkpoint[0] if len(self.checkpoint) == 1 else self.checkpoint[i]
+
+    def to_yaml(self) -> str:
+        data = dataclasses.asdict(self)
+        data["eps"] = [eps_str(e) for e in self.eps]  # 8/255 rather than 0.03137254901960784
+        return yaml.safe_dump(data, sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> EvalSpec:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UsageError(f"Cannot read the config {path}: {e}.") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"Unknown keys in {path}: {', '.join(unknown)}; accepted: {', '.join(sorted(known))}.")
+        return cls(**data)
+
+
+@dataclass
+class CellReport:
+    """One model at one eps: its rows (new and already present), result and warnings."""
+
+    model: str
+    eps: float
+    rows: list[ResultRow]
+    existing: list[ResultRow]
+    result: EvalResult | None = None
+    warnings: list[str] = field(default_factory=list)
+    records: Path | None = None
+
+
+# progress(cell_label, batches_done, batches_total, robust, evaluated)
+CellProgress = Callable[[str, int, int, int, int], None]
+
+
+class Grid:
+    """Runs the cells of an :class:`EvalSpec`, each as one resumable, optionally sharded, unit."""
+
+    def __init__(self, spec: EvalSpec, *, db: str | Path | None = None, overwrite: bool = False):
+        self.spec = spec
+        self.board = Leaderboard(db)
+        self.overwrite = overwrite
+        self.home = Path(self.board.path).parent
+        self.runs = self.home / "runs" / _cache_name(self.board.path)  # batch caches of this database only
+        self.threats = [ThreatModel(spec.norm, e) for e in spec.eps]
+        for threat in self.threats:  # validate every attack and option before any work
+            self.attacks(threat)
+        for i, name in enumerate(spec.model):  # and every RobustBench model and its weights (imports robustbench)
+            if rb.is_robustbench(name):
+                check_normalize(name, spec.normalize)
+                locate_weights(name, spec.checkpoint_of(i), model_dir=spec.model_dir, download=spec.download,
+                               fetch=False)
+        self.defense = defense_label(spec.defense, spec.defense_kwargs)
+        if spec.prompt:  # rows of a prompted model differ from the backbone's
+            from robustkit.models.prompted import prompt_label
+
+            self.defense = "+".join(filter(None, [prompt_label(spec.prompt), self.defense]))
+        self.dataset: Dataset = load_dataset(spec.dataset, data_dir=spec.data_dir, split=spec.split,
+                                             n_examples=spec.n_examples, download=spec.download)
+        self.device = resolve_device(dist.local_device(spec.device))
+        self.surrogates: list[tuple[str, torch.nn.Module, str]] = [
+            (label, load_surrogate(name, ckpt).to(self.device).eval(), sha)
+            for name, ckpt, label, sha in _surrogate_labels(spec)]
+        self._suite: set[str] = set()  # names of the cells that the `transfer` row covers
+
+    def attacks(self, threat: ThreatModel) -> list[tuple[str, Attack]]:
+        """The cells' attacks: each attack, or with surrogates each attack from each surrogate
+        (``ATTACK@SURROGATE``, surrogates outer); ``transfer`` expands to the transfer suite."""
+        from robustkit.attacks.transfer import TRANSFER_SUITE
+
+        names: list[str] = []
+        suite: set[str] = set()
+        for a in self.spec.attack:
+            expanded = list(TRANSFER_SUITE) if a.strip().lower() == TRANSFER else [with_backend(a, self.spec.backend)]
+            for n in map(canonical_attack, expanded):
+                if n not in names:
+                    names.append(n)
+                if a.strip().lower() == TRANSFER:
+                    suite.add(n)
+        check_options_used(names, self.spec.attack_kwargs)
+        attacks = [(n, build_attack(n, threat, seed=self.spec.seed, **options_for(n, self.spec.attack_kwargs)))
+                   for n in names]
+        surrogates = getattr(self, "surrogates", [])
+        if not surrogates:
+            return attacks
+        from robustkit.attacks import Transferred
+
+        self._suite = {f"{n}@{label}" for label, _, _ in surrogates for n in suite}
+        return [(f"{n}@{label}", Transferred(a, model, label, sha))
+                for label, model, sha in surrogates for n, a in attacks]
+
+    def _rows(self, model: str, sha: str, threat: ThreatModel, attacks: list[tuple[str, Attack]],
+              result: EvalResult | None, extra: dict[str, Any]) -> list[ResultRow]:
+        nan = float("nan")
+        batch = {"batch_size": self.spec.batch_size}  # attacks are seeded per batch: a key field, like the seed
+        cells = [(n, {**a.config(), **batch}, result.robust_acc(n) if result else nan,
+                  (result.seconds["clean"] + result.seconds[n]) if result else 0.0) for n, a in attacks]
+
+        def worst(name: str, chosen: list[tuple[str, Attack]]) -> None:
+            config = {"attacks": [n for n, _ in chosen], "configs": {n: a.config() for n, a in chosen}, **batch}
+            robust = float(worst_case(result, [n for n, _ in chosen]).mean()) if result else nan
+            seconds = (result.seconds["clean"] + sum(result.seconds[n] for n, _ in chosen)) if result else 0.0
+            cells.append((name, config, robust, seconds))
+
+        suite = [(n, a) for n, a in attacks if n in self._suite]
+        if suite:
+            worst(TRANSFER, suite)
+        if len(attacks) > 1 and len(suite) < len(attacks):
+            worst(WORST_CASE, attacks)
+        return [ResultRow(
+            model=model, checkpoint_sha256=sha, defense=self.defense, dataset=self.dataset.name,
+            n_examples=len(self.dataset),
+            norm=threat.norm, eps=threat.eps, attack=name, attack_config=config, seed=self.spec.seed,
+            clean_acc=result.clean_acc if result else nan, robust_acc=robust, seconds=seconds,
+            robustkit_version=__version__, torch_version=torch.__version__,
+            device=f"{self.device.type} ({platform.machine()})", extra=extra,
+        ) for name, config, robust, seconds in cells]
+
+    def run_cell(self, index: int, threat: ThreatModel, progress: CellProgress | None = None) -> CellReport | None:
+        """Evaluate model ``index`` at ``threat``; returns None on ranks other than 0.
+
+        The cell is computed under its batch store's lock: a second process asking for the same
+        cell waits for the first, then reuses its rows."""
+        spec = self.spec
+        name, checkpoint = spec.model[index], spec.checkpoint_of(index)
+        sha = weights_sha256(name, checkpoint, spec.model_dir)
+        attacks = self.attacks(threat)
+        key = canonical_json({"model": name, "sha": sha, "defense": self.defense, "normalize": spec.normalize,
+                              "data": self.dataset.name,
+                              "split": spec.split, "n": len(self.dataset), "norm": threat.norm,
+                              "eps": eps_str(threat.eps), "attacks": {n: a.config() for n, a in attacks},
+                              "seed": spec.seed, "batch": spec.batch_size})
+        run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+        store = BatchStore(self.runs / run_id)
+        label = f"{name} {threat.norm} eps={eps_str(threat.eps)}"
+        with self._locked(store, label):
+            planned = self._rows(name, sha, threat, attacks, None, {})
+            existing = [r for r in map(self.board.get, planned) if r is not None]
+            if dist.broadcast_from_rank0(len(existing) == len(planned) and not self.overwrite):
+                return CellReport(name, threat.eps, [], existing) if dist.world()[0] == 0 else None
+            from robustkit.models.prompted import wrap_prompt
+
+            model = wrap_defense(wrap_prompt(_load(name, checkpoint, spec), spec.prompt), spec.defense,
+                                 spec.defense_kwargs)
+            t0 = time.perf_counter()
+            result = evaluate(model, self.dataset, attacks, batch_size=spec.batch_size, device=self.device,
+                              store=store, shard=dist.world(), keep_adv=spec.save_adv is not None,
+                              progress=(lambda *a: progress(label, *a)) if progress else None)
+            gathered = dist.gather_to_rank0(result)
+            if gathered is None:
+                return None
+            result = merge_results(gathered)
+            warnings = self._diagnose(model, attacks, threat, result) if self._diagnosing() else []
+            if not sha and not spec.prompt:
+                warnings.insert(0, f"{name} has no weights file (no --checkpoint and none packaged): these are the "
+                                   f"numbers of a randomly initialized network.")
+            records = write_records(result, Path(spec.records_dir or self.home / "records") / run_id)
+            extra = {"run_id": run_id, "records": str(records), "warnings": warnings,
+                     "wall_seconds": time.perf_counter() - t0,
+                     "per_attack": {n: result.robust_acc(n) for n, _ in attacks},
+                     "per_stage": {n: result.stage_accs(n) for n, a in attacks if a.stage_names()}}
+            if spec.save_adv:
+                extra["adversarial_examples"] = str(save_adversarial(result,
+                                                                     Path(spec.save_adv) / f"{run_id}.safetensors"))
+            rows = []
+            for row in self._rows(name, sha, threat, attacks, result, extra):
+                if self.overwrite or not self.board.exists(row):
+                    self.board.add(row, overwrite=self.overwrite)
+                    rows.append(row)
+            store.clear()
+        kept = [r for r in existing if r.attack not in {row.attack for row in rows}]
+        return CellReport(name, threat.eps, rows, kept, result, warnings, records)
+
+    @contextmanager
+    def _locked(self, store: BatchStore, label: str) -> Iterator[None]:
+        """Hold ``store``'s lock while the cell is computed: rank 0 takes it, and every rank of a
+        sharded run waits until it has; another process holding it is waited for (polled, so a
+        long wait never trips torch.distributed's timeout)."""
+        rank0 = dist.world()[0] == 0
+        told = False
+        try:
+            while not dist.broadcast_from_rank0(store.try_lock() if rank0 else True):
+                if rank0 and not told:
+                    log.warning(f"{label}: another robustkit eval is computing this cell in {self.board.path}; "
+                                f"waiting for it to finish (its rows are then reused).")
+                    told = True
+                time.sleep(LOCK_POLL_S)
+            yield
+        finally:
+            store.unlock()
+
+    def _diagnosing(self) -> bool:
+        if self.spec.diagnose is not None:
+            return self.spec.diagnose
+        return any(canonical_attack(a).partition(":")[0] in ("autoattack", "pyautoattack")
+                   for a in self.spec.attack if a.strip().lower() != TRANSFER)
+
+    def _diagnose(self, model: torch.nn.Module, attacks: list[tuple[str, Attack]], threat: ThreatModel,
+                  result: EvalResult) -> list[str]:
+        from robustkit.attacks import PGD
+
+        idx = torch.from_numpy(result.clean_correct.nonzero()[0][:64])
+        x, y = self.dataset.x[idx].to(self.device), self.dataset.y[idx].to(self.device)
+        warnings = diag.sanity_checks(model, x, y, self.dataset.num_classes, threat, self.dataset.name)
+        names = [n for n, _ in attacks]
+        warnings += diag.black_box_stronger(result, [n for n in names if n in SCORE_BASED],
+                                            [n for n in names if n not in SCORE_BASED])
+        for name, attack in attacks:
+            warnings += diag.square_after_gradient_stages(result, name) if attack.stage_names() else []
+        if len(idx) and threat.norm in PGD.supported_norms:
+            warnings += diag.unbounded_and_loss_checks(model, x, y, threat, PGD)
+        return warnings
+
+    def run(self, progress: CellProgress | None = None) -> list[CellReport]:
+        """All cells, models outer and eps inner; adds the eps-monotonicity check per model."""
+        reports = []
+        for i in range(len(self.spec.model)):
+            cells = [self.run_cell(i, threat, progress) for threat in self.threats]
+            cells = [c for c in cells if c is not None]
+            if len(cells) > 1 and self._diagnosing():
+                for name in sorted({r.attack for c in cells for r in c.rows + c.existing}):
+                    curve = [(c.eps, r.robust_acc) for c in cells for r in c.rows + c.existing if r.attack == name]
+                    cells[-1].warnings += diag.non_monotone_in_eps(curve, f"{self.spec.model[i]} / {name}")
+            reports += cells
+        return reports
+
+
+def worst_case(result: EvalResult, attacks: Sequence[str]) -> Any:
+    """Per-sample robustness under all of ``attacks`` at once: clean-correct and broken by none."""
+    robust = result.clean_correct.copy()
+    for name in attacks:
+        robust &= ~result.broken(name)
+    return robust
+
+
+def _surrogate_labels(spec: EvalSpec) -> list[tuple[str, str | None, str, str]]:
+    """``(name, checkpoint, label, sha256)`` per surrogate of ``spec``."""
+    labels = surrogate_labels(spec.surrogate, spec.surrogate_checkpoint)
+    return [(name, spec.surrogate_checkpoint_of(i), label, sha)
+            for i, (name, (label, sha)) in enumerate(zip(spec.surrogate, labels, strict=True))]
+
+
+def _cache_name(db: Path) -> str:
+    """The folder of a database's batch caches: its file name and a hash of its absolute path, so
+    two databases in one folder never share (or clear) each other's caches."""
+    path = Path(db).resolve()
+    return f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def _model_from_sidecar(checkpoint: str | None) -> str:
+    """The model a ``robustkit train`` checkpoint's sidecar records (so --model can be left out);
+    the default model when the checkpoint has no sidecar."""
+    from robustkit.training.loop import read_sidecar, sidecar_model_name
+
+    side = read_sidecar(checkpoint) if checkpoint else None
+    return sidecar_model_name(side) if side is not None else "digits-cnn"
+
+
+def _load(name: str, checkpoint: str | None, spec: EvalSpec) -> torch.nn.Module:
+    """The model; a checkpoint written by ``robustkit train`` brings its own normalization and transforms."""
+    from robustkit.training.loop import load_trained_model, read_sidecar, sidecar_model_name
+
+    side = read_sidecar(checkpoint) if checkpoint else None
+    if side is not None and spec.normalize == "default" and sidecar_model_name(side) == name:
+        if spec.sha256:
+            check_sha256(Path(checkpoint), spec.sha256)
+        return load_trained_model(checkpoint)
+    if rb.is_robustbench(name):
+        return load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256,
+                          model_dir=spec.model_dir, download=spec.download)
+    return load_model(name, checkpoint, normalize=spec.normalize, sha256=spec.sha256, seed=spec.seed)
+
+
+def defense_label(name: str | None, kwargs: dict[str, Any]) -> str:
+    """The leaderboard's defense field: the canonical name, plus its options when any are set.
+    Only ``inference`` defenses (model wrappers) apply at evaluation time."""
+    if not name:
+        if kwargs:
+            raise UsageError("--defense-kwargs was given without --defense.")
+        return ""
+    import robustkit.defenses  # noqa: F401  (registers the defenses)
+    from robustkit.defenses.kinds import defense_of_kind
+
+    key, _ = defense_of_kind(name, "inference", "robustkit eval --defense")
+    return key + (canonical_json(kwargs) if kwargs else "")
+
+
+def wrap_defense(model: torch.nn.Module, name: str | None, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """``model`` behind the inference defense ``name`` (unchanged without one)."""
+    if not name:
+        return model
+    from robustkit.registry import DEFENSES
+
+    cls = DEFENSES.get(name)
+    try:
+        return cls(model, **kwargs).eval()
+    except TypeError as e:
+        raise UsageError(f"Bad options for defense {name}: {e}.") from None
+
+
+def run_grid(spec: EvalSpec, *, db: str | Path | None = None, overwrite: bool = False,
+             progress: CellProgress | None = None) -> list[CellReport]:
+    """Evaluate every cell of ``spec``; under torchrun only rank 0 gets the reports (others: [])."""
+    started = dist.init_from_env(spec.device)
+    reports = Grid(spec, db=db, overwrite=overwrite).run(progress)
+    if started:
+        dist.finish()  # every rank leaves together, after rank 0 has written the rows
+    return reports
+
+
+def summary(reports: Sequence[CellReport]) -> list[dict[str, Any]]:
+    """Machine-readable summary (``--json``): every row of every cell, with warnings."""
+    return [{**dataclasses.asdict(r), "warnings": c.warnings} for c in reports for r in c.existing + c.rows]
+
+
+def dump_json(reports: Sequence[CellReport]) -> str:
+    return json.dumps(summary(reports), indent=2, default=str)
+
+
+__all__ = ["TRANSFER", "WORST_CASE", "CellReport", "EvalSpec", "Grid", "ProgressFn", "dump_json", "parse_kwargs",
+           "run_grid", "summary", "worst_case"]

@@ -1,0 +1,148 @@
+"""How adversarial error grows with the perturbation size: a power-law fit over an eps sweep.
+
+For small radii the error an attack adds grows like a power of eps (a linear model gives
+exponent 1, Goodfellow et al. 2015; measured exponents of deep networks are reported between
+about 1 and 2). :func:`fit_power_law` fits ``err(eps) = c * eps**k`` by least squares on
+log-log axes and gives ``k`` with a Student-t confidence interval. The fitted quantity is, by
+default, the *excess* error ``clean_acc - robust_acc`` (the share of points the attack flips),
+which goes to 0 with eps as a power law must; ``quantity="error"`` fits ``1 - robust_acc``.
+Points at 0 or at the ceiling (every clean-correct point flipped) carry no slope information
+and are left out of the fit (they are still listed and plotted).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from robustkit.errors import DataError, UsageError
+
+QUANTITIES = ("excess", "error")
+GROUP_COLUMNS = ("model", "defense", "dataset", "norm", "attack")
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """``err = coefficient * eps**exponent`` fitted on ``n_fit`` points of one sweep."""
+
+    exponent: float
+    ci_low: float
+    ci_high: float
+    coefficient: float
+    r2: float
+    n_fit: int
+    level: float
+
+    def predict(self, eps: np.ndarray) -> np.ndarray:
+        return self.coefficient * np.power(eps, self.exponent)
+
+
+@dataclass
+class ScalingReport:
+    """One sweep (a model, attack, norm and data set) with its measured points and fit."""
+
+    group: dict[str, str]
+    eps: np.ndarray
+    value: np.ndarray
+    used: np.ndarray  # bool: points inside the fit
+    fit: PowerLawFit | None
+    reason: str = ""  # why there is no fit
+    n_examples: list[int] = field(default_factory=list)
+
+    def label(self) -> str:
+        defense = f" + {self.group['defense']}" if self.group.get("defense") else ""
+        return f"{self.group['model']}{defense} {self.group['attack']} {self.group['norm']}"
+
+
+def fit_power_law(eps: np.ndarray, value: np.ndarray, *, level: float = 0.95) -> PowerLawFit:
+    """Least squares of ``log value = log c + k log eps``; ``k``'s interval from Student's t."""
+    from scipy import stats
+
+    eps, value = np.asarray(eps, dtype=float), np.asarray(value, dtype=float)
+    if len(eps) < 3:
+        raise DataError(f"A power-law fit needs at least 3 points strictly between 0 and the ceiling; got {len(eps)}.")
+    x, y = np.log(eps), np.log(value)
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (intercept + slope * x)
+    dof = len(x) - 2
+    sxx = float(((x - x.mean()) ** 2).sum())
+    if sxx == 0:
+        raise DataError("A power-law fit needs at least two different eps values.")
+    se = math.sqrt(float((residual**2).sum()) / dof / sxx)
+    half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
+    total = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((residual**2).sum()) / total if total > 0 else 1.0
+    return PowerLawFit(float(slope), float(slope - half), float(slope + half), float(math.exp(intercept)), r2,
+                       len(x), level)
+
+
+def scaling_reports(frame: pd.DataFrame, *, quantity: str = "excess", level: float = 0.95) -> list[ScalingReport]:
+    """One :class:`ScalingReport` per (model, defense, dataset, norm, attack) of a leaderboard frame.
+
+    At each eps the row with the most examples is used (a re-run on more data supersedes a
+    quick one).
+    """
+    if quantity not in QUANTITIES:
+        raise UsageError(f"Unknown quantity {quantity!r}; accepted: {', '.join(QUANTITIES)}.")
+    if not 0 < level < 1:
+        raise UsageError(f"The confidence level must be between 0 and 1, not {level}.")
+    if frame.empty:
+        raise DataError("The leaderboard has no rows for this selection; run an eps sweep first, e.g. "
+                        "`robustkit eval --eps 0.02,0.05,0.1,0.2`.")
+    reports = []
+    for key, rows in frame.groupby(list(GROUP_COLUMNS), sort=True, dropna=False):
+        rows = rows.sort_values("n_examples").groupby("eps", as_index=False).last().sort_values("eps")
+        eps = rows["eps"].to_numpy(float)
+        clean = rows["clean_acc"].to_numpy(float)
+        robust = rows["robust_acc"].to_numpy(float)
+        value = clean - robust if quantity == "excess" else 1.0 - robust
+        ceiling = clean if quantity == "excess" else np.ones_like(clean)
+        used = (eps > 0) & (value > 0) & (value < ceiling)
+        group = dict(zip(GROUP_COLUMNS, (str(k) for k in key), strict=True))
+        fit, reason = None, ""
+        try:
+            fit = fit_power_law(eps[used], value[used], level=level)
+        except DataError as e:
+            reason = str(e)
+        reports.append(ScalingReport(group, eps, value, used, fit, reason, rows["n_examples"].astype(int).tolist()))
+    return reports
+
+
+def reports_frame(reports: list[ScalingReport]) -> pd.DataFrame:
+    """One row per sweep: the fit (NaN where none) and the eps range it covers."""
+    records = []
+    for r in reports:
+        f = r.fit
+        records.append({**r.group, "points": len(r.eps), "fitted": int(r.used.sum()),
+                        "eps_min": float(r.eps[r.used].min()) if r.used.any() else math.nan,
+                        "eps_max": float(r.eps[r.used].max()) if r.used.any() else math.nan,
+                        "exponent": f.exponent if f else math.nan, "ci_low": f.ci_low if f else math.nan,
+                        "ci_high": f.ci_high if f else math.nan, "coefficient": f.coefficient if f else math.nan,
+                        "r2": f.r2 if f else math.nan, "note": r.reason})
+    return pd.DataFrame(records)
+
+
+def plot_scaling(reports: list[ScalingReport], output: str, *, quantity: str = "excess") -> None:
+    """Measured points and fitted lines on log-log axes (matplotlib; the format follows the suffix)."""
+    from robustkit.results.plot import pyplot
+
+    plt = pyplot(output)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for r in reports:
+        shown = (r.eps > 0) & (r.value > 0)
+        (line,) = ax.plot(r.eps[shown], r.value[shown], "o", label=r.label())
+        if r.fit is not None:
+            grid = np.geomspace(r.eps[r.used].min(), r.eps[r.used].max(), 50)
+            ax.plot(grid, r.fit.predict(grid), "-", color=line.get_color(),
+                    label=f"fit: k = {r.fit.exponent:.2f} [{r.fit.ci_low:.2f}, {r.fit.ci_high:.2f}]")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("eps")
+    ax.set_ylabel("clean acc - robust acc" if quantity == "excess" else "adversarial error (1 - robust acc)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(output)
+    plt.close(fig)

@@ -1,0 +1,323 @@
+"""Training an EVP visual prompt: a :class:`PromptConfig` in, a trained prompt file and metrics out.
+
+The backbone is frozen and stays in eval mode; the only trained values are the frame's pixels
+(:class:`~robustkit.models.prompted.PromptedModel`). One step, as in EVP's ``main.py``
+(``train_with_prompt``), with input diversity added as the paper describes::
+
+    z     = compose(x)                          # shrunk image, learned frame around it
+    z     = DI(z)                               # with probability p: random resize + zero pad
+    g     = ∇_frame CE(map(backbone(z)), y)     # batch-mean cross-entropy
+    frame = frame - lr_t · g / ||g||_2          # gradient normalization (plain SGD when off)
+
+``lr_t`` follows a cosine from ``lr`` to 0 over the run (the reference steps it per epoch; here per
+step). DI and the normalization are those of the transfer attacks (``robustkit.attacks.transfer``:
+:func:`~robustkit.attacks.transfer.diversify`, :func:`~robustkit.attacks.transfer.normalize_gradient`).
+Defaults come from the reference (``main.py``): SGD without momentum or weight decay, lr 70 for its
+30-px frame at 224 px (scaled here by the frame size, :func:`~robustkit.models.prompted.reference_lr`),
+batch 256, 1000 epochs, a zero-initialized frame. The input-diversity probability 0.5 and resize
+rate 0.9 are DI's (Xie et al.), which the paper adopts; the released code has no DI.
+
+Files under ``out``: ``prompt.safetensors`` with its sidecar ``prompt.json`` and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustkit import __version__
+from robustkit.data import Dataset, load_dataset, load_held_out
+from robustkit.errors import UsageError
+from robustkit.models.prompted import (
+    LABEL_MAPS,
+    PromptedModel,
+    default_prompt_size,
+    frequency_label_map,
+    normalize_spec,
+    reference_lr,
+    resolve_label_map,
+    save_prompt,
+)
+from robustkit.paths import check_dir
+
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class PromptConfig:
+    """Everything that defines a prompt-training run (``robustkit train prompt`` options).
+
+    ``prompt_size=None``: the paper's 30 px at 224 px, scaled to the backbone's input (4 at 32).
+    ``lr=None``: :func:`~robustkit.models.prompted.reference_lr` of the frame (70 at the paper's
+    geometry) — meant for normalized updates; pass ``lr`` with ``grad_norm=False``.
+    ``label_map``: ``auto`` (frequency mapping when the class counts differ), ``frequency`` or
+    ``identity``. ``val_size`` images of ``val_dataset`` (default ``dataset``), split ``val_split``,
+    give the clean accuracy after every epoch (0: none).
+    """
+
+    model: str | None = None
+    checkpoint: str | None = None
+    normalize: str | None = "default"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    split: str = "train"
+    n_examples: int | None = None
+    val_dataset: str | None = None
+    val_split: str = "test"
+    val_size: int = 256
+    prompt_size: int | None = None
+    label_map: str = "auto"
+    epochs: int = 1000
+    batch_size: int = 256
+    lr: float | None = None
+    schedule: str = "cosine"
+    input_diversity: bool = True
+    diversity_prob: float = 0.5
+    resize_rate: float = 0.9
+    grad_norm: bool = True
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """A one-line UsageError for any value out of range."""
+        if self.out is not None:
+            check_dir(self.out, "--out")
+        for name, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
+                                 ("--val-size", self.val_size, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UsageError(f"{name} must be an integer >= {low}, got {value!r}.")
+        if self.lr is not None and not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be a positive number, got {self.lr!r}.")
+        if self.prompt_size is not None and (isinstance(self.prompt_size, bool) or not isinstance(self.prompt_size, int)
+                                             or self.prompt_size < 1):
+            raise UsageError(f"--prompt-size must be a positive number of pixels, got {self.prompt_size!r}.")
+        if self.label_map not in LABEL_MAPS:
+            raise UsageError(f"Unknown --label-map {self.label_map!r}; accepted: {', '.join(LABEL_MAPS)}.")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"Unknown --schedule {self.schedule!r}; accepted: {', '.join(SCHEDULES)}.")
+        if not 0.0 <= self.diversity_prob <= 1.0:
+            raise UsageError(f"--diversity-prob is a probability in [0, 1], got {self.diversity_prob}.")
+        if not self.resize_rate > 0 or self.resize_rate == 1.0:
+            raise UsageError(f"--resize-rate must be positive and not 1 (0.9 shrinks), got {self.resize_rate}.")
+        if self.n_examples is not None and self.n_examples < 1:
+            raise UsageError(f"--n-examples must be at least 1, got {self.n_examples}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PromptResult:
+    """The trained prompted model and what happened."""
+
+    config: PromptConfig
+    model: PromptedModel
+    lr: float
+    label_map_kind: str
+    history: list[dict[str, Any]]
+    weights: Path | None = None
+    sidecar: Path | None = None
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+# -- one step --------------------------------------------------------------------------------------
+
+
+def prompt_update(grad: torch.Tensor, lr: float, *, grad_norm: bool = True) -> torch.Tensor:
+    """What the frame loses in one step: ``lr · g / ||g||_2`` (EVP), or ``lr · g`` without the
+    normalization."""
+    from robustkit.attacks.transfer import normalize_gradient
+
+    return lr * (normalize_gradient(grad, kind="l2", per_sample=False) if grad_norm else grad)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    logits: torch.Tensor
+    update: torch.Tensor
+    diversified: bool
+
+
+def prompt_step(model: PromptedModel, x: torch.Tensor, y: torch.Tensor, lr: float, generator: torch.Generator, *,
+                input_diversity: bool = True, diversity_prob: float = 0.5, resize_rate: float = 0.9,
+                grad_norm: bool = True) -> StepResult:
+    """One training step on the frame (in place); no gradient reaches the backbone."""
+    from robustkit.attacks.transfer import diversify
+
+    inputs = model.compose(x)
+    diversified = False
+    if input_diversity:
+        inputs, diversified = diversify(inputs, generator, prob=diversity_prob, resize_rate=resize_rate)
+    logits = model.map_labels(model.backbone(inputs))
+    loss = F.cross_entropy(logits, y)
+    grad, = torch.autograd.grad(loss, model.frame)
+    update = prompt_update(grad, lr, grad_norm=grad_norm)
+    with torch.no_grad():
+        model.frame.sub_(update)
+    return StepResult(float(loss.detach()), logits.detach(), update, diversified)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """``model``'s argmax on ``x``, batch by batch (on the CPU)."""
+    out = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def accuracy(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 256) -> float:
+    """Clean accuracy of ``model`` on ``data``."""
+    model.eval()
+    return float((predict(model, data.x, device, batch_size) == data.y).float().mean()) if len(data) else float("nan")
+
+
+def _backbone_input_size(backbone: nn.Module) -> tuple[int, int, int]:
+    info = getattr(backbone, "info", None)
+    if info is None:
+        raise UsageError("The backbone's input size is unknown; load it with robustkit.models.load_model.")
+    return tuple(int(v) for v in info.input_size)  # type: ignore[return-value]
+
+
+def _fingerprint(data: Dataset) -> str:
+    digest = hashlib.sha256()
+    digest.update(data.x.numpy().tobytes())
+    digest.update(data.y.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+
+    return {"robustkit": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def build_prompted_model(config: PromptConfig, backbone: nn.Module, data: Dataset,
+                         device: torch.device) -> tuple[PromptedModel, str]:
+    """The zero-initialized prompted model for ``data`` with its label mapping (and its kind):
+    the frequency mapping is measured on ``data`` as prompted at initialization (empty frame)."""
+    input_size = _backbone_input_size(backbone)
+    prompt_size = config.prompt_size or default_prompt_size(min(input_size[1:]))
+    model = PromptedModel(backbone, input_size=input_size, prompt_size=prompt_size).to(device)
+    with torch.no_grad():
+        num_source = int(model(data.x[:1].to(device)).shape[1])
+    kind = resolve_label_map(config.label_map, num_source, data.num_classes)
+    if kind == "frequency":
+        preds = predict(model, data.x, device, config.batch_size)
+        model.label_map = frequency_label_map(preds, data.y, data.num_classes, num_source).to(device)
+    elif data.num_classes != num_source:
+        model.label_map = torch.arange(data.num_classes, device=device)
+    return model, kind
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+def train_prompt(config: PromptConfig, *, backbone: nn.Module | None = None, data: Dataset | None = None,
+                 val: Dataset | None = None, progress: ProgressFn | None = None) -> PromptResult:
+    """Train an EVP prompt for ``config.model`` on ``config.dataset``; see the module docstring.
+
+    ``backbone`` (a ZooModel from ``load_model``), ``data`` and ``val`` replace loading them from
+    the config. ``progress(event)`` gets dicts with ``kind`` step or epoch.
+    """
+    from robustkit.evaluation.runner import resolve_device
+    from robustkit.models import file_sha256, load_model
+
+    config.validate()
+    emit = progress or (lambda _e: None)
+    device = resolve_device(config.device)
+    if backbone is None:
+        if not config.model:
+            raise UsageError("Name the frozen backbone with --model (and its weights with --checkpoint).")
+        backbone = load_model(config.model, config.checkpoint, normalize=config.normalize)
+    if data is None:
+        data = load_dataset(config.dataset, data_dir=config.data_dir, split=config.split, n_examples=config.n_examples)
+    if val is None and config.val_size:
+        val = load_held_out(config.val_dataset or config.dataset, data_dir=config.data_dir, split=config.val_split,
+                            size=config.val_size)
+
+    torch.manual_seed(config.seed)
+    model, kind = build_prompted_model(config, backbone, data, device)
+    lr = float(config.lr) if config.lr is not None else reference_lr(model.trainable_parameters())
+    order_gen = torch.Generator().manual_seed(config.seed)
+    di_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+    n = len(data)
+    steps = math.ceil(n / config.batch_size)
+    history: list[dict[str, Any]] = []
+    for epoch in range(config.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(n, generator=order_gen)
+        loss_sum, correct, applied = 0.0, 0, 0
+        for b in range(steps):
+            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+            x, y = data.x[idx].to(device), data.y[idx].to(device)
+            frac = (epoch + b / steps) / config.epochs
+            lr_t = lr * (0.5 * (1 + math.cos(math.pi * frac)) if config.schedule == "cosine" else 1.0)
+            step = prompt_step(model, x, y, lr_t, di_gen, input_diversity=config.input_diversity,
+                               diversity_prob=config.diversity_prob, resize_rate=config.resize_rate,
+                               grad_norm=config.grad_norm)
+            loss_sum += step.loss * len(y)
+            correct += int((step.logits.argmax(1) == y).sum())
+            applied += step.diversified
+            emit({"kind": "step", "epoch": epoch, "epochs": config.epochs, "step": b + 1, "steps": steps,
+                  "loss": step.loss, "lr": lr_t})
+        row = {"epoch": epoch + 1, "lr": lr_t, "loss": loss_sum / n, "train_acc": correct / n,
+               "diversified_steps": applied, "seconds": time.perf_counter() - t0,
+               "val_acc": accuracy(model, val, device, config.batch_size) if val is not None else float("nan")}
+        history.append(row)
+        emit({"kind": "epoch", **row, "epochs": config.epochs})
+    model.eval()
+    result = PromptResult(config, model, lr, kind, history)
+    if config.out:
+        out = Path(config.out).expanduser()
+        checkpoint = getattr(backbone, "checkpoint", None) or config.checkpoint
+        sidecar = {
+            "method": "evp",
+            "backbone": {
+                "model": getattr(backbone, "name", config.model),
+                "checkpoint": str(Path(checkpoint).resolve()) if checkpoint and Path(checkpoint).is_file() else None,
+                "sha256": file_sha256(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
+                "normalize": normalize_spec(backbone),
+            },
+            "label_map_kind": kind,
+            "target": {"dataset": data.name, "split": config.split, "n_examples": len(data),
+                       "num_classes": data.num_classes, "image_size": list(data.x.shape[1:]),
+                       "sha256": _fingerprint(data)},
+            "recipe": {**config.to_dict(), "lr": lr, "prompt_size": model.prompt_size,
+                       "reference": "UCSC-VLAA/EVP main.py (train_with_prompt); arXiv 2212.10556"},
+            "seed": config.seed,
+            "history": history,
+            "final_metrics": history[-1] if history else {},
+            "versions": _versions(),
+            "command": " ".join(sys.argv) if sys.argv else "",
+        }
+        result.weights, result.sidecar = save_prompt(model, out / "prompt.safetensors", sidecar)
+        (out / "metrics.json").write_text(json.dumps({"epochs": history}, indent=1))
+    return result
+
+
+__all__ = ["PromptConfig", "PromptResult", "StepResult", "accuracy", "build_prompted_model", "prompt_step",
+           "prompt_update", "train_prompt"]

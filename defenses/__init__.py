@@ -20,7 +20,7 @@ from .advprop import AdvProp, DualBatchNorm, DualBN, FastAdvProp, auxiliary_bn, 
 from .dat import DAT, DATFGSM, UNLABELED
 from .fgsm_tricks import TRICKS, LargeStride, MaskInit, SmoothActivation, TrickOptions, pixel_mask
 from .one_pixel_shortcut import OnePixelShortcut, OPSPattern
-from .pubdef import PubDef, PubDefConfig
+from .pubdef import PubDef
 from .rift import RiFT
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "OPSPattern",
     "OnePixelShortcut",
     "PubDef",
-    "PubDefConfig",
     "RiFT",
     "SmoothActivation",
     "Standard",

@@ -93,6 +93,9 @@ class TrainingStrategy:
     default_beta: ClassVar[float | None] = None
     eval_mode_attack: ClassVar[bool] = False
     accepts_mask: ClassVar[bool] = False
+    soft_targets: bool = False  # step() takes N×K soft targets (batches mixed with --mix)
+    aux: nn.Module | None = None  # a module the loop trains and checkpoints with the model (PubDef's statistics)
+    aux_name: ClassVar[str] = "aux"  # its file: AUX_NAME.safetensors
 
     def __init__(
         self,
@@ -135,6 +138,11 @@ class TrainingStrategy:
             return
         self.step_size = self._step_per_eps * eps  # from the ratio, so the result never depends on history
         self.threat = ThreatModel(self.threat.norm, eps)
+
+    def passes_per_image(self) -> float | None:
+        """Forward/backward passes per training image relative to standard training, for
+        --same-budget; None where the method does not state its cost (the default)."""
+        return None
 
     def default_step_size(self) -> float:
         """eps/4 (2/255 at eps 8/255, as Rice et al. and the TRADES/MART code use)."""
@@ -224,6 +232,7 @@ def _ce_sum(y: torch.Tensor) -> Any:
 class Standard(TrainingStrategy):
     """Standard (non-adversarial) training with cross-entropy on clean inputs."""
 
+    soft_targets = True
     name = "standard"
     description = "Standard training on clean inputs (cross-entropy)"
     adversarial = False
@@ -233,6 +242,7 @@ class Standard(TrainingStrategy):
 class PGDAT(TrainingStrategy):
     """PGD adversarial training (Madry et al., 2018): random start, ``steps`` (10) steps of eps/4."""
 
+    soft_targets = True
     name = "pgd-at"
     description = "PGD adversarial training (Madry et al. 2018): 10 steps of eps/4 from a random start"
 
@@ -242,6 +252,7 @@ class PGDAT(TrainingStrategy):
 
 
 class _FGSMBase(TrainingStrategy):
+    soft_targets = True
     default_steps = 1
     accepts_mask = True
     random_start: ClassVar[bool] = False
@@ -285,6 +296,7 @@ class FGSMRS(_FGSMBase):
 class TRADES(TrainingStrategy):
     """TRADES (Zhang et al., 2019): CE(f(x), y) + beta * KL(f(x) || f(x_adv)), beta = 6."""
 
+    soft_targets = True
     name = "trades"
     description = "TRADES (Zhang et al. 2019): clean CE + beta KL to the adversarial output (beta 6)"
     default_beta = 6.0

@@ -40,7 +40,6 @@ smoothed losses and the per-source pick counts are buffers of the strategy's ``a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -271,7 +270,7 @@ def _check_surrogate(name: str | nn.Module, checkpoint: str | None) -> None:
 
     if is_external(name) or name in MODELS:
         return
-    from robustkit.training.loop import read_sidecar
+    from robustkit.models.sidecar import read_sidecar
 
     if checkpoint and read_sidecar(checkpoint) is not None:
         return  # a derived name (architecture tricks) that the sidecar registers when loaded
@@ -281,60 +280,3 @@ def _check_surrogate(name: str | nn.Module, checkpoint: str | None) -> None:
         MODELS.get(name)
     except UnknownNameError as e:
         raise UsageError(f"--surrogate: {e}") from None
-
-
-# -- the training run --------------------------------------------------------------------------------
-
-from robustkit.training.loop import TrainConfig, TrainResult, train  # noqa: E402  (after the strategy: no cycle)
-
-
-def _listify(value: Any, *, keep_empty: bool = False) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        parts = [v.strip() for v in value.split(",")] if value.strip() else []
-        return [p or None for p in parts] if keep_empty else [p for p in parts if p]
-    return [None if v is None or (keep_empty and not str(v).strip()) else str(v).strip() for v in value]
-
-
-@dataclass
-class PubDefConfig(TrainConfig):
-    """A :class:`~robustkit.training.loop.TrainConfig` for ``method="pubdef"`` with the source pool:
-    ``surrogate`` names (comma text or a list), ``surrogate_checkpoint`` one per name (empty: none),
-    ``transfer_attacks`` (``transfer``: the engine's whole suite), ``selection``, ``clean_weight``
-    and ``exp_alpha`` (module docstring)."""
-
-    method: str = "pubdef"
-    surrogate: list[str] = field(default_factory=list)
-    surrogate_checkpoint: list[str | None] = field(default_factory=list)
-    transfer_attacks: list[str] = field(default_factory=lambda: ["pgd"])
-    selection: str = "random"
-    clean_weight: float = 0.5
-    exp_alpha: float = 0.5
-
-    def __post_init__(self) -> None:
-        self.surrogate = _listify(self.surrogate)
-        self.surrogate_checkpoint = _listify(self.surrogate_checkpoint, keep_empty=True)
-        self.transfer_attacks = _listify(self.transfer_attacks)
-        if self.surrogate_checkpoint and not self.surrogate:
-            from robustkit.evaluation.surrogates import surrogate_from_sidecar
-
-            self.surrogate = [surrogate_from_sidecar(c) for c in self.surrogate_checkpoint]
-        super().__post_init__()
-
-    def validate(self) -> None:
-        if self.method != "pubdef":
-            raise UsageError(f"PubDefConfig trains pubdef, not {self.method!r}.")
-        super().validate()
-
-    def strategy_options(self) -> dict[str, Any]:
-        return {**super().strategy_options(), "surrogates": self.surrogate,
-                "surrogate_checkpoints": self.surrogate_checkpoint, "attacks": self.transfer_attacks,
-                "selection": self.selection, "clean_weight": self.clean_weight, "exp_alpha": self.exp_alpha}
-
-
-def train_pubdef(config: PubDefConfig, **kwargs: Any) -> TrainResult:
-    """:func:`robustkit.training.loop.train` with PubDef (same files: weights, sidecar, metrics)."""
-    if not isinstance(config, PubDefConfig):
-        raise UsageError("train_pubdef takes a PubDefConfig.")
-    return train(config, **kwargs)

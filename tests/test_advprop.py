@@ -31,9 +31,10 @@ from robustkit.defenses.advprop import (
 )
 from robustkit.errors import UsageError
 from robustkit.models import build_model
+from robustkit.models.sidecar import load_trained_model, read_sidecar
 from robustkit.registry import DEFENSES
 from robustkit.threat import ThreatModel
-from robustkit.training.loop import TrainConfig, load_trained_model, read_sidecar, train
+from robustkit.training.loop import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -23,9 +23,10 @@ from robustkit.data import load_dataset
 from robustkit.errors import UsageError
 from robustkit.models import ZooModel, build_model, load_model, model_info
 from robustkit.models.robust_cnn import RobustBlock, RobustResNet, stage_strides
+from robustkit.models.sidecar import load_trained_model
 from robustkit.models.starnet import StarBlock, starnet
 from robustkit.registry import MODELS
-from robustkit.training.loop import TrainConfig, build_training_model, load_trained_model, train
+from robustkit.training.loop import TrainConfig, build_training_model, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

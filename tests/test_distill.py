@@ -16,6 +16,7 @@ from torch import nn
 from robustkit.cli import main
 from robustkit.errors import CheckpointError, UsageError
 from robustkit.models import ModelInfo, ZooModel, load_model
+from robustkit.models.sidecar import load_trained_model
 from robustkit.training.distill import (
     DistillConfig,
     FeatureTap,
@@ -25,7 +26,6 @@ from robustkit.training.distill import (
     load_teacher,
     mask_input,
 )
-from robustkit.training.loop import load_trained_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,11 +18,12 @@ from torch import nn
 from robustkit.attacks.transfer import TRANSFER_SUITE, craft_transfer
 from robustkit.cli import main
 from robustkit.data import load_dataset
-from robustkit.defenses.pubdef import PubDef, PubDefConfig
+from robustkit.defenses.pubdef import PubDef
 from robustkit.errors import UsageError, UserError
 from robustkit.evaluation.grid import TRANSFER, WORST_CASE, EvalSpec, Grid, run_grid
 from robustkit.models import load_model
 from robustkit.threat import ThreatModel
+from robustkit.training.pubdef import PubDefConfig
 
 EPS = 0.2
 FAST = {"steps": 3}  # every transfer attack, 3 steps: enough to break points, fast
@@ -267,7 +268,7 @@ def test_train_pubdef_cli_saves_a_checkpoint_that_eval_transfer_reads(capsys: py
 def test_exp_source_weights_survive_a_resume(other_surrogate: str, tmp_path: Path) -> None:
     """A run stopped after its first epoch checkpoint and resumed ends with exactly the weights,
     smoothed source losses and pick counts of an uninterrupted run (they are checkpointed)."""
-    from robustkit.defenses.pubdef import train_pubdef
+    from robustkit.training.pubdef import train_pubdef
 
     def config(out: Path, resume: bool = False) -> PubDefConfig:
         return PubDefConfig(surrogate=["digits-cnn", "digits-cnn"], surrogate_checkpoint=[None, other_surrogate],

@@ -19,8 +19,8 @@ from robustkit.cli import main
 from robustkit.data import Dataset, load_dataset
 from robustkit.errors import UsageError
 from robustkit.models import build_model, load_model
+from robustkit.models.sidecar import load_trained_model
 from robustkit.threat import ThreatModel
-from robustkit.training.loop import load_trained_model
 from robustkit.training.rift import (
     InterpolationPoint,
     RiftConfig,

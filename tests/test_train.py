@@ -22,24 +22,22 @@ from torch import nn
 
 from robustkit.cli import main
 from robustkit.data import load_dataset
-from robustkit.defenses import TrickOptions, build_strategy, pixel_mask
+from robustkit.defenses import TrickOptions, build_strategy, pixel_mask, training_methods
 from robustkit.defenses.fgsm_tricks import MaskInit, SmoothActivation, first_conv, relu_calls
 from robustkit.errors import UsageError
 from robustkit.models import build_model, load_model
+from robustkit.models.sidecar import load_trained_model, read_sidecar, sidecar_model_name
 from robustkit.threat import ThreatModel
 from robustkit.training.co_detector import CODetector
-from robustkit.training.loop import (
-    TrainConfig,
-    build_training_model,
-    load_trained_model,
-    read_sidecar,
-    sidecar_model_name,
-    train,
-)
+from robustkit.training.loop import TrainConfig, build_training_model, train
 from robustkit.training.optim import LAMB, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["standard", "pgd-at", "trades", "mart", "fgsm-rs", "fgsm-at"]
+# Every registered training method the loop runs; the others have their own runner and tests.
+OWN_RUNNER = {"dat": "test_dat.py", "dat-fgsm": "test_dat.py", "pubdef": "test_pubdef.py (needs surrogates)",
+              "rift": "test_rift.py (fine-tunes a checkpoint)", "advprop": "test_advprop.py",
+              "fast-advprop": "test_advprop.py"}
+METHODS = [m for m in training_methods() if m not in OWN_RUNNER]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,6 +56,10 @@ def digits_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -- methods -----------------------------------------------------------------------------------
+
+
+def test_the_method_lists_follow_the_registry() -> None:
+    assert set(OWN_RUNNER) <= set(training_methods()) and len(METHODS) >= 6
 
 
 @pytest.mark.parametrize("method", METHODS)

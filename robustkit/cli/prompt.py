@@ -1,9 +1,8 @@
 """``robustkit train prompt``: options -> :class:`~robustkit.training.prompt.PromptConfig` ->
 :func:`~robustkit.training.prompt.train_prompt`.
 
-Its options differ from the other training methods', so ``robustkit train`` is built with
-:class:`TrainCommand`, which hands ``train prompt ...`` (and the other :data:`SUBCOMMANDS`) to
-their own commands before parsing.
+Its options differ from the other training methods', so ``robustkit train`` hands
+``train prompt ...`` to this command (:mod:`robustkit.cli.router`).
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ def train_prompt_cmd(quiet: bool, **options: Any) -> None:
       robustkit eval --prompt runs/evp-mnist/prompt.safetensors --dataset npz:../shared/data/mnist.npz \\
           --n-examples 200 --attack pgd --eps 0.1
     """
-    from robustkit.cli.train import default_out
+    from robustkit.cli.train_common import default_out
     from robustkit.training.prompt import PromptConfig, train_prompt
 
     if not options.get("out"):
@@ -97,42 +96,3 @@ def _run(config: Any, quiet: bool, runner: Any) -> None:
         err.print(Text(f"Prompt: {result.weights} (sidecar {result.sidecar.name if result.sidecar else '-'}; "
                        f"label map: {result.label_map_kind}). Evaluate with "
                        f"`robustkit eval --prompt {result.weights} --dataset {config.dataset}`."), soft_wrap=True)
-
-
-# `robustkit train NAME ...` for the procedures whose options differ from the training methods':
-# NAME -> ("module:command", one line for `robustkit train --help`). Imported only when used.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "prompt": ("robustkit.cli.prompt:train_prompt_cmd",
-               "train an EVP prompt for a frozen backbone (--model M --checkpoint W --dataset D)"),
-    "rift": ("robustkit.cli.rift:train_rift_cmd",
-             "RiFT: fine-tune the least robust-critical module of an AT model (--model M --checkpoint W)"),
-    "pubdef": ("robustkit.cli.pubdef:train_pubdef_cmd",
-               "PubDef: train on transfer attacks from public models (--surrogate A,B [--surrogate-checkpoint ...])"),
-    "distill": ("robustkit.cli.distill:train_distill_cmd",
-                "distill a teacher into a student: KD + feature matching, --method pgd-at for robust KD "
-                "(--teacher T --student S)"),
-}
-
-
-def _subcommand(name: str) -> click.Command:
-    import importlib
-
-    module, _, attr = SUBCOMMANDS[name][0].partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-class TrainCommand(click.Command):
-    """``robustkit train``, except that ``robustkit train NAME ...`` runs the command
-    :data:`SUBCOMMANDS` names (``prompt``: :data:`train_prompt_cmd`)."""
-
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-                     **extra: Any) -> click.Context:
-        if args and args[0] in SUBCOMMANDS:
-            return _subcommand(args[0]).make_context(f"{info_name or 'train'} {args[0]}", list(args[1:]),
-                                                     parent=parent, **extra)
-        return super().make_context(info_name, args, parent=parent, **extra)
-
-    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        super().format_epilog(ctx, formatter)
-        with formatter.section("Other training procedures (own options: robustkit train NAME --help)"):
-            formatter.write_dl([(name, text) for name, (_, text) in SUBCOMMANDS.items()])

@@ -1,5 +1,5 @@
-"""``robustkit train pubdef``: options -> :class:`~robustkit.defenses.pubdef.PubDefConfig` ->
-:func:`~robustkit.defenses.pubdef.train_pubdef` (registered in ``prompt_cli.SUBCOMMANDS``).
+"""``robustkit train pubdef``: options -> :class:`~robustkit.training.pubdef.PubDefConfig` ->
+:func:`~robustkit.training.pubdef.train_pubdef` (routed by :mod:`robustkit.cli.router`).
 
 It takes every option of ``robustkit train`` plus the source pool (``--surrogate``,
 ``--surrogate-checkpoint``, ``--transfer-attacks``) and the source selection.
@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from robustkit.cli.train import VALUE_OPTIONS, train_options
+from robustkit.cli.train_common import VALUE_OPTIONS, train_options
 
 SELECTION_HELP = ("Source selection per batch: random (default; one source drawn uniformly per example, the "
                   "reference's), top1 (the source with the highest loss per example), exp (all sources, weighted "
@@ -51,8 +51,8 @@ def train_pubdef_cmd(tricks: tuple[str, ...], eval_attacks: tuple[str, ...], con
       robustkit eval --checkpoint runs/pubdef/model.safetensors --attack transfer \\
           --surrogate-checkpoint runs/src3/model.safetensors
     """
-    from robustkit.cli.train import command_line_values, default_out, run_training
-    from robustkit.defenses.pubdef import PubDefConfig, train_pubdef
+    from robustkit.cli.train_common import command_line_values, default_out, run_training
+    from robustkit.training.pubdef import PubDefConfig, train_pubdef
 
     values: dict[str, Any] = {}
     if config_file:

@@ -68,7 +68,7 @@ def train_rift_cmd(quiet: bool, **options: Any) -> None:
           --val-dataset npz:../shared/data/cifar10_test1000.npz --val-size 500 \\
           --eps 2/255 --epochs 5 --out runs/rift-conv-small
     """
-    from robustkit.cli.train import default_out
+    from robustkit.cli.train_common import default_out
     from robustkit.threat import parse_eps
     from robustkit.training.rift import RiftConfig, parse_alphas
 

@@ -419,7 +419,7 @@ def _cache_name(db: Path) -> str:
 def _model_from_sidecar(checkpoint: str | None) -> str:
     """The model a ``robustkit train`` checkpoint's sidecar records (so --model can be left out);
     the default model when the checkpoint has no sidecar."""
-    from robustkit.training.loop import read_sidecar, sidecar_model_name
+    from robustkit.models.sidecar import read_sidecar, sidecar_model_name
 
     side = read_sidecar(checkpoint) if checkpoint else None
     return sidecar_model_name(side) if side is not None else "digits-cnn"
@@ -427,7 +427,7 @@ def _model_from_sidecar(checkpoint: str | None) -> str:
 
 def _load(name: str, checkpoint: str | None, spec: EvalSpec) -> torch.nn.Module:
     """The model; a checkpoint written by ``robustkit train`` brings its own normalization and transforms."""
-    from robustkit.training.loop import load_trained_model, read_sidecar, sidecar_model_name
+    from robustkit.models.sidecar import load_trained_model, read_sidecar, sidecar_model_name
 
     side = read_sidecar(checkpoint) if checkpoint else None
     if side is not None and spec.normalize == "default" and sidecar_model_name(side) == name:

@@ -16,7 +16,7 @@ from robustkit.models import load_model, weights_sha256
 
 def surrogate_from_sidecar(checkpoint: str | None) -> str:
     """The model name a surrogate checkpoint's training sidecar records (so --surrogate can be left out)."""
-    from robustkit.training.loop import read_sidecar, sidecar_model_name
+    from robustkit.models.sidecar import read_sidecar, sidecar_model_name
 
     side = read_sidecar(checkpoint) if checkpoint else None
     if side is None:
@@ -43,7 +43,7 @@ def surrogate_labels(names: Sequence[str], checkpoints: Sequence[str | None] = (
 def load_surrogate(name: str, checkpoint: str | None = None) -> torch.nn.Module:
     """A surrogate: a ``robustkit train`` checkpoint brings its own normalization (sidecar)."""
     from robustkit.errors import UnknownNameError
-    from robustkit.training.loop import load_trained_model, read_sidecar, sidecar_model_name
+    from robustkit.models.sidecar import load_trained_model, read_sidecar, sidecar_model_name
 
     side = read_sidecar(checkpoint) if checkpoint else None
     if side is not None and name in (side.get("model"), sidecar_model_name(side)):

@@ -57,6 +57,7 @@ from robustkit.data import Dataset, images_to_tensor, load_dataset, load_held_ou
 from robustkit.errors import DataError, UsageError, UserError
 from robustkit.evaluation.runner import check_model_fits, resolve_device
 from robustkit.models import ZooModel
+from robustkit.models.sidecar import cpu_state, sidecar_path, write_text
 from robustkit.registry import DEFENSES
 from robustkit.training.co_detector import CODetector
 from robustkit.training.compression import COMPRESSIONS, check_bucket, levels, register_compression
@@ -69,14 +70,11 @@ from robustkit.training.loop import (
     _check_resumable,
     _Checkpoints,
     _clone_optimizer_state,
-    _cpu_state,
     _epoch_seed,
     _evaluate_final,
     _save_final,
     _write_metrics,
-    _write_text,
     build_training_model,
-    sidecar_path,
 )
 from robustkit.training.optim import LAMB, lr_factor, make_optimizer
 
@@ -457,7 +455,7 @@ class _DATRun:
                 log.info("Resuming %s from epoch %d.", self.out, int(saved["epoch"]))
                 if world == 1:
                     return {}, None
-                return _clone_optimizer_state(optimizer.state_dict()), _cpu_state(ema.state_dict()) if ema else None
+                return _clone_optimizer_state(optimizer.state_dict()), cpu_state(ema.state_dict()) if ema else None
 
             # rank 0 reads the files; the others get its optimizer and EMA state (DDP sends the weights)
             opt_state, ema_state = _from_rank0(load, world)
@@ -471,7 +469,7 @@ class _DATRun:
             self.checkpointed = start_epoch
         if rank == 0 and self.out:
             self.out.mkdir(parents=True, exist_ok=True)
-            _write_text(self.out / "config.yaml", config.to_yaml())
+            write_text(self.out / "config.yaml", config.to_yaml())
 
         loss_model: nn.Module = zoo
         quantizer = None
@@ -671,4 +669,4 @@ def _add_to_sidecar(path: Path | None, extra: dict[str, Any]) -> None:
         return
     side = json.loads(path.read_text())
     side.update(extra)
-    _write_text(path, json.dumps(side, indent=1, default=str))
+    write_text(path, json.dumps(side, indent=1, default=str))

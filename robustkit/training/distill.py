@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkit.errors import CheckpointError, UsageError
-from robustkit.training.loop import SOFT_TARGET_METHODS, ProgressFn, TrainConfig, TrainResult, read_sidecar, train
+from robustkit.models.sidecar import read_sidecar
+from robustkit.training.loop import ProgressFn, TrainConfig, TrainResult, train
 
 OBJECTIVES = ("kd", "feature", "patch")
 FEATURE_LOSSES = ("mse", "smooth-l1", "cosine")
@@ -233,7 +234,7 @@ class DistillStrategy:
         self.aux: Projections | None = None
         self.student_tap: FeatureTap | None = None
         self.teacher_tap: FeatureTap | None = None
-        self.soft_targets = getattr(base, "name", "") in SOFT_TARGET_METHODS | {"mart"}  # CE-only perturbations
+        self.soft_targets = base.soft_targets or base.name == "mart"  # CE-only perturbations
 
     # -- what the loop reads ------------------------------------------------------------------------
     name = property(lambda self: f"distill+{self.base.name}")
@@ -242,6 +243,9 @@ class DistillStrategy:
 
     def set_eps(self, eps: float) -> None:
         self.base.set_eps(eps)
+
+    def passes_per_image(self) -> float | None:
+        return self.base.passes_per_image()
 
     def config(self) -> dict[str, Any]:
         return {**self.base.config(), "distill": {
@@ -354,7 +358,7 @@ def load_teacher(name: str, checkpoint: str | None, normalize: str | None = "def
         if not path.is_file():
             raise CheckpointError(f"Teacher checkpoint not found: {path}.")
         if read_sidecar(path) is not None:
-            from robustkit.training.loop import load_trained_model
+            from robustkit.models.sidecar import load_trained_model
 
             return load_trained_model(path).eval()
         return load_model(name, path, normalize=normalize).eval()

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -46,12 +45,10 @@ import torch
 import yaml
 from torch import nn
 
-from robustkit import __version__
 from robustkit.data import Dataset, load_dataset, load_held_out
 from robustkit.errors import CheckpointError, UsageError
 from robustkit.evaluation.runner import check_model_fits, resolve_device
 from robustkit.models import (
-    ModelInfo,
     Normalize,
     ZooModel,
     build_model,
@@ -61,17 +58,28 @@ from robustkit.models import (
     model_info,
     parse_normalize,
 )
+from robustkit.models.sidecar import (
+    SIDECAR_FORMAT,
+    cpu_state,
+    normalize_spec,
+    read_sidecar,
+    save_safetensors,
+    sidecar_model_name,
+    sidecar_path,
+    versions,
+    write_text,
+)
 from robustkit.paths import check_dir
 from robustkit.registry import MODELS
 from robustkit.threat import ThreatModel, parse_eps
 from robustkit.training.co_detector import COCheck, CODetector
+from robustkit.training.hooks import TrainingHooks
 from robustkit.training.optim import OPTIMIZERS, SCHEDULES, lr_factor, make_optimizer
 
 log = logging.getLogger("robustkit.training.loop")
 
 ON_CO = ("continue", "stop", "rollback")
 AUTOCAST = ("bf16", "fp16")
-SIDECAR_FORMAT = "robustkit-train/1"
 #: Config keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "eval_attacks", "eval_n_examples", "db", "out"})
 MAX_ROLLBACKS = 3
@@ -234,7 +242,7 @@ class TrainConfig:
             "tricks": self.trick_options(), "seed": self.seed,
         }  # fmt: skip
 
-    def make_strategy(self) -> Any:
+    def make_strategy(self) -> TrainingHooks:
         """The training strategy the loop calls (subclasses such as distillation wrap it)."""
         from robustkit.defenses.adversarial_training import build_strategy
 
@@ -360,51 +368,11 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 12_345) % (2**63)
 
 
-def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-
-
-def _save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(_cpu_state(state), str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _fingerprint(data: Dataset) -> str:
     digest = hashlib.sha256()
     digest.update(data.x.numpy().tobytes())
     digest.update(data.y.numpy().tobytes())
     return digest.hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    import numpy
-    import safetensors
-
-    return {
-        "robustkit": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-        "safetensors": safetensors.__version__, "python": platform.python_version(),
-        "platform": platform.platform(),
-    }  # fmt: skip
-
-
-def _normalize_spec(layer: Normalize | None) -> str:
-    if layer is None:
-        return "none"
-    import numpy as np
-
-    def text(t: torch.Tensor) -> str:  # shortest text that gives back the same float32 values
-        return ",".join(str(v) for v in t.detach().cpu().flatten().numpy().astype(np.float32))
-
-    return f"{text(layer.mean)}:{text(layer.std)}"
 
 
 def build_training_model(config: TrainConfig, data: Dataset) -> ZooModel:
@@ -465,21 +433,21 @@ class _Checkpoints:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        _save_safetensors(model.state_dict(), tmp / "model.safetensors")
+        save_safetensors(model.state_dict(), tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if ema is not None:
-            _save_safetensors(ema.state_dict(), tmp / "ema.safetensors")
+            save_safetensors(ema.state_dict(), tmp / "ema.safetensors")
         if aux is not None:
-            _save_safetensors(aux.state_dict(), tmp / "aux.safetensors")
+            save_safetensors(aux.state_dict(), tmp / "aux.safetensors")
         if healthy is not None:
-            _save_safetensors(healthy["model"], tmp / "healthy.safetensors")
+            save_safetensors(healthy["model"], tmp / "healthy.safetensors")
             torch.save(healthy["optimizer"], tmp / "healthy_optimizer.pt")
             if healthy.get("ema") is not None:
-                _save_safetensors(healthy["ema"], tmp / "healthy_ema.safetensors")
+                save_safetensors(healthy["ema"], tmp / "healthy_ema.safetensors")
             if healthy.get("aux") is not None:
-                _save_safetensors(healthy["aux"], tmp / "healthy_aux.safetensors")
+                save_safetensors(healthy["aux"], tmp / "healthy_aux.safetensors")
         os.replace(tmp, folder)
-        _write_text(self.state_path, json.dumps({**state, "dir": name}, indent=1))
+        write_text(self.state_path, json.dumps({**state, "dir": name}, indent=1))
         for old in self.root.iterdir():
             if old.is_dir() and old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -536,91 +504,7 @@ def _write_metrics(out: Path, history: list[dict[str, Any]], checks: list[COChec
             writer.writerow({k: row.get(k, "") for k in columns})
     os.replace(tmp, out / "metrics.csv")
     payload = {"epochs": history, "co_checks": [c.as_dict() for c in checks], **extra}
-    _write_text(out / "metrics.json", json.dumps(payload, indent=1))
-
-
-# -- sidecar ----------------------------------------------------------------------------------------
-
-
-def sidecar_path(checkpoint: str | os.PathLike[str]) -> Path:
-    """``model.safetensors`` -> ``model.json``."""
-    return Path(checkpoint).with_suffix(".json")
-
-
-def read_sidecar(checkpoint_path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The JSON sidecar ``robustkit train`` wrote next to ``checkpoint_path`` (``X.json`` or
-    ``X.safetensors.json``), or None when there is none (a checkpoint from elsewhere).
-
-    Keys for evaluation: ``model`` (the registry name trained), ``normalize`` (a spec that
-    ``load_model(normalize=...)`` accepts: ``"none"`` or ``"m1,m2,m3:s1,s2,s3"``),
-    ``num_classes``, ``in_channels``, ``architecture`` (model transforms to replay; see
-    :func:`load_trained_model` and :func:`sidecar_model_name`), plus ``recipe``, ``data``,
-    ``seed``, ``versions`` and ``final_metrics``.
-    """
-    p = Path(checkpoint_path)
-    for candidate in (sidecar_path(p), p.with_name(p.name + ".json")):
-        if candidate.is_file() and candidate != p:
-            try:
-                data = json.loads(candidate.read_text())
-            except (OSError, ValueError):
-                return None
-            if isinstance(data, dict) and str(data.get("format", "")).startswith("robustkit-train"):
-                return data
-    return None
-
-
-def _needs_derived_name(side: dict[str, Any], info: ModelInfo) -> bool:
-    return (bool(side.get("architecture")) or side.get("in_channels") != info.input_size[0]
-            or side.get("num_classes") != info.num_classes)
-
-
-def sidecar_model_name(side: dict[str, Any]) -> str:
-    """A model name ``load_model`` can build for this sidecar: the trained registry name, or —
-    when the training changed the architecture (stride/activation tricks, other input channels) —
-    a derived name such as ``digits-cnn+stride2-1x8x8+silu`` registered in ``MODELS`` for this
-    process, whose factory builds the base model and replays the transforms."""
-    base = side["model"]
-    info = model_info(base)
-    if not _needs_derived_name(side, info):
-        return base
-    tags = []
-    if side.get("in_channels") != info.input_size[0]:
-        tags.append(f"in{side['in_channels']}")
-    if side.get("num_classes") != info.num_classes:
-        tags.append(f"{side['num_classes']}cls")
-    for spec in side.get("architecture", []):
-        if spec["name"] == "large-stride":
-            size = "x".join(str(s) for s in spec.get("input_size") or [])
-            tags.append(f"stride{spec['stride']}" + (f"-{size}" if size else ""))
-        elif spec["name"] == "smooth-activation":
-            tags.append(spec["activation"])
-        else:
-            tags.append(spec["name"])
-    name = f"{base.replace(':', '-')}+{'+'.join(tags)}".lower()  # never looks like timm:/torchvision:
-    if name not in MODELS:
-        from robustkit.defenses.fgsm_tricks import apply_architecture
-
-        specs = [dict(s) for s in side.get("architecture", [])]
-        classes, channels = int(side["num_classes"]), int(side["in_channels"])
-        input_size = tuple(side.get("input_size") or (channels, *info.input_size[1:]))
-
-        def factory(num_classes: int = classes, in_channels: int = channels) -> nn.Module:
-            net = build_model(base, num_classes=num_classes,
-                              in_channels=in_channels if in_channels != info.input_size[0] else None)
-            return apply_architecture(net, specs, torch.zeros(1, *input_size))
-
-        factory.__doc__ = f"{base} as trained by robustkit train ({', '.join(tags)})"
-        MODELS.add(name, ModelInfo(factory, info.normalize, input_size, classes, factory.__doc__))
-    return name
-
-
-def load_trained_model(checkpoint: str | os.PathLike[str]) -> ZooModel:
-    """Rebuild a model ``robustkit train`` saved: architecture, transforms, weights and the
-    normalization, all from the sidecar (no name or normalization to repeat)."""
-    side = read_sidecar(checkpoint)
-    if side is None:
-        raise CheckpointError(f"{checkpoint} has no robustkit training sidecar ({sidecar_path(checkpoint).name}).")
-    return load_model(sidecar_model_name(side), checkpoint, normalize=side["normalize"])
+    write_text(out / "metrics.json", json.dumps(payload, indent=1))
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -676,7 +560,7 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
         zoo.to(memory_format=torch.channels_last)
     zoo.train()
     # extra trained modules a strategy owns (distillation's projections): optimized with the model
-    aux: nn.Module | None = getattr(strategy, "aux", None)
+    aux = strategy.aux
     trained: nn.Module = zoo
     if aux is not None:
         aux.to(device).train()
@@ -684,7 +568,7 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
     optimizer = make_optimizer(config.optimizer, trained, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay, nesterov=config.nesterov)
     mixer = make_mixer(config.mix, data.num_classes, config.mix_alpha)
-    soft_ok = mixer is None or _takes_soft_targets(strategy)
+    soft_ok = mixer is None or strategy.soft_targets
     if not soft_ok:
         log.warning("%s trains on hard labels; with --mix it gets each mixed image's dominant label.", strategy.name)
     ema = EMA(zoo, config.ema) if config.ema else None
@@ -712,7 +596,7 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
         log.info("Resuming %s from epoch %d.", out, start_epoch)
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        _write_text(out / "config.yaml", config.to_yaml())
+        write_text(out / "config.yaml", config.to_yaml())
 
     emit(TrainEvent("start", start_epoch, config.epochs, 0, steps_per_epoch,
                     info={"method": strategy.name, "device": str(device), "n": n, "schedule": schedule}))
@@ -725,10 +609,10 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
 
     def snapshot(best: float) -> dict[str, Any]:
         return {
-            "model": _cpu_state(zoo.state_dict()),
+            "model": cpu_state(zoo.state_dict()),
             "optimizer": _clone_optimizer_state(optimizer.state_dict()),
-            "ema": _cpu_state(ema.state_dict()) if ema else None,
-            "aux": _cpu_state(aux.state_dict()) if aux is not None else None,
+            "ema": cpu_state(ema.state_dict()) if ema else None,
+            "aux": cpu_state(aux.state_dict()) if aux is not None else None,
             "best_pgd": best,
         }
 
@@ -892,27 +776,16 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
 
 
 #: Methods whose losses are cross-entropies in the label, so mixed (soft) targets go in as they are.
-SOFT_TARGET_METHODS = frozenset({"standard", "pgd-at", "fgsm-at", "fgsm-rs", "trades"})
-
-
-def _takes_soft_targets(strategy: Any) -> bool:
-    """Whether ``strategy.step`` accepts N×K soft targets (its ``soft_targets`` flag, else by name)."""
-    flag = getattr(strategy, "soft_targets", None)
-    if flag is not None:
-        return bool(flag)
-    return getattr(strategy, "name", "") in SOFT_TARGET_METHODS
-
-
-def _same_budget(config: TrainConfig, strategy: Any) -> TrainConfig:
+def _same_budget(config: TrainConfig, strategy: TrainingHooks) -> TrainConfig:
     """``--same-budget``: the run shortened to the image passes of standard training, as the
     Fast AdvProp reference's ``exact_same_training_budget`` (epochs ÷ passes per image, rounded).
     The returned config is the run as it happens (``same_budget`` off), so a saved config reruns it."""
-    passes = getattr(strategy, "passes_per_image", None)
+    passes = strategy.passes_per_image()
     if passes is None:
         raise UsageError(f"--same-budget needs a method that states its cost per image (advprop, fast-advprop), "
                          f"not {config.method}.")
-    epochs = max(1, round(config.epochs / passes()))
-    log.info("--same-budget: %.3g passes per image, %d epochs -> %d.", passes(), config.epochs, epochs)
+    epochs = max(1, round(config.epochs / passes))
+    log.info("--same-budget: %.3g passes per image, %d epochs -> %d.", passes, config.epochs, epochs)
     return dataclasses.replace(config, epochs=epochs, same_budget=False)
 
 
@@ -948,17 +821,17 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
 
 def _save_final(
     out: Path, config: TrainConfig, zoo: ZooModel, data: Dataset, val: Dataset | None,
-    architecture: list[dict[str, Any]], strategy: Any, schedule: str, history: list[dict[str, Any]],
+    architecture: list[dict[str, Any]], strategy: TrainingHooks, schedule: str, history: list[dict[str, Any]],
     result: TrainResult,
 ) -> tuple[Path, Path]:  # fmt: skip
     weights = out / "model.safetensors"
-    _save_safetensors(zoo.net.state_dict(), weights, metadata={"format": SIDECAR_FORMAT, "model": zoo.name})
+    save_safetensors(zoo.net.state_dict(), weights, metadata={"format": SIDECAR_FORMAT, "model": zoo.name})
     from robustkit.models import file_sha256
 
     side = {
         "format": SIDECAR_FORMAT,
         "model": zoo.name,
-        "normalize": _normalize_spec(zoo.normalization),
+        "normalize": normalize_spec(zoo.normalization),
         "num_classes": data.num_classes,
         "in_channels": int(data.x.shape[1]),
         "input_size": list(data.x.shape[1:]),
@@ -972,7 +845,7 @@ def _save_final(
             "val_size": len(val) if val is not None else 0,
         },  # fmt: skip
         "seed": config.seed,
-        "versions": _versions(),
+        "versions": versions(),
         "command": " ".join(sys.argv) if sys.argv else "",
         "co_detected": result.co_detected,
         "stopped_early": result.stopped_early,
@@ -980,13 +853,13 @@ def _save_final(
         "final_metrics": history[-1] if history else {},
     }
     if result.aux is not None:  # a strategy's extra trained modules (distillation's projections)
-        name = str(getattr(strategy, "aux_name", "aux"))
+        name = strategy.aux_name
         aux_path = out / f"{name}.safetensors"
-        _save_safetensors(result.aux.state_dict(), aux_path, metadata={"format": SIDECAR_FORMAT, "aux": name})
+        save_safetensors(result.aux.state_dict(), aux_path, metadata={"format": SIDECAR_FORMAT, "aux": name})
         side["aux"] = {"file": aux_path.name, "sha256": file_sha256(aux_path)}
         result.aux_weights = aux_path
     path = sidecar_path(weights)
-    _write_text(path, json.dumps(side, indent=1, default=str))
+    write_text(path, json.dumps(side, indent=1, default=str))
     return weights, path
 
 

@@ -490,7 +490,7 @@ def select_alpha(points: Sequence[InterpolationPoint], base_robust: float, toler
 
 def load_at_model(config: RiftConfig, data: Dataset) -> tuple[ZooModel, dict[str, Any] | None]:
     """The adversarially trained model and the robustkit sidecar of its checkpoint (if any)."""
-    from robustkit.training.loop import load_trained_model, read_sidecar, sidecar_model_name
+    from robustkit.models.sidecar import load_trained_model, read_sidecar, sidecar_model_name
 
     side = read_sidecar(config.checkpoint) if config.checkpoint else None
     if side is not None and config.normalize == "default" and config.model in (None, side["model"],
@@ -588,20 +588,14 @@ def save_rift(out: Path, result: RiftResult, data: Dataset, val: Dataset,
               side: dict[str, Any] | None) -> tuple[Path, Path]:
     """``model.safetensors`` + ``model.json`` (robustkit-train sidecar) + ``rift.json``."""
     from robustkit.models import file_sha256
-    from robustkit.training.loop import (
-        SIDECAR_FORMAT,
-        _fingerprint,
-        _normalize_spec,
-        _save_safetensors,
-        _versions,
-        _write_text,
-    )
+    from robustkit.models.sidecar import SIDECAR_FORMAT, normalize_spec, save_safetensors, versions, write_text
+    from robustkit.training.loop import _fingerprint
 
     out.mkdir(parents=True, exist_ok=True)
     zoo, config = result.model, result.config
     weights = out / "model.safetensors"
     base_model = side["model"] if side else zoo.name
-    _save_safetensors(zoo.net.state_dict(), weights, metadata={"format": SIDECAR_FORMAT, "model": base_model})
+    save_safetensors(zoo.net.state_dict(), weights, metadata={"format": SIDECAR_FORMAT, "model": base_model})
     report = {
         "module": result.module, "alpha": result.alpha, "before": result.before, "after": result.after,
         "criticality": [r.as_dict() for r in result.criticality], "fine_tune": result.history,
@@ -610,7 +604,7 @@ def save_rift(out: Path, result: RiftResult, data: Dataset, val: Dataset,
     sidecar = {
         "format": SIDECAR_FORMAT,
         "model": base_model,
-        "normalize": side["normalize"] if side else _normalize_spec(zoo.normalization),
+        "normalize": side["normalize"] if side else normalize_spec(zoo.normalization),
         "num_classes": side["num_classes"] if side else data.num_classes,
         "in_channels": side["in_channels"] if side else int(data.x.shape[1]),
         "input_size": side.get("input_size", list(data.x.shape[1:])) if side else list(data.x.shape[1:]),
@@ -622,12 +616,12 @@ def save_rift(out: Path, result: RiftResult, data: Dataset, val: Dataset,
         "data": {"dataset": data.name, "split": config.split, "n_examples": len(data), "sha256": _fingerprint(data),
                  "val_dataset": val.name, "val_split": config.val_split, "val_size": len(val)},
         "seed": config.seed,
-        "versions": _versions(),
+        "versions": versions(),
         "command": " ".join(sys.argv) if sys.argv else "",
         "final_metrics": result.after,
         "rift": report,
     }
     path = weights.with_suffix(".json")
-    _write_text(path, json.dumps(sidecar, indent=1, default=str))
-    _write_text(out / "rift.json", json.dumps(report, indent=1, default=str))
+    write_text(path, json.dumps(sidecar, indent=1, default=str))
+    write_text(out / "rift.json", json.dumps(report, indent=1, default=str))
     return weights, path

@@ -1,0 +1,105 @@
+"""The package layout keeps its promise: imports go one way. No module of robustkit (its core,
+evaluation, results, training, cli, and the plug-in folders attacks/ and defenses/) takes part in
+an import cycle, counting the imports inside functions too (they only delay a cycle)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"robustkit": ROOT / "robustkit", "robustkit.attacks": ROOT / "attacks",
+            "robustkit.defenses": ROOT / "defenses"}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            if path.is_relative_to(ROOT / "robustkit") and path.parent.is_symlink():
+                continue  # a worktree's link to attacks/ or defenses/
+            parts = path.relative_to(folder).with_suffix("").parts
+            found[".".join((package, *(parts[:-1] if parts[-1] == "__init__" else parts)))] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the robustkit modules it imports anywhere in its body (TYPE_CHECKING aside)."""
+    mods = modules()
+    graph: dict[str, set[str]] = {name: set() for name in mods}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
+        guarded = [n for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)]
+        skip = {id(n) for block in guarded for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in mods:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles() -> None:
+    graph = import_graph()
+    assert len(graph) > 60 and graph["robustkit.cli.main"]  # the walk found the tree
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_core_imports_none_of_the_layers_above_it() -> None:
+    """threat, attack, registry, errors, data, ... (``__main__`` is the command line's entry point)."""
+    graph = import_graph()
+    core = [m for m in graph if m.count(".") == 1 and not m.startswith(("robustkit.attacks", "robustkit.defenses"))
+            and m.split(".")[1] not in ("evaluation", "results", "training", "cli", "models", "__main__")]
+    above = ("robustkit.evaluation", "robustkit.results", "robustkit.training", "robustkit.cli")
+    assert "robustkit.attack" in core and "robustkit.threat" in core
+    assert {m: sorted(t for t in graph[m] if t.startswith(above)) for m in core} == {m: [] for m in core}

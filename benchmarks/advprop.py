@@ -41,8 +41,9 @@ from robustkit.attacks import PGD
 from robustkit.data import load_dataset
 from robustkit.defenses import build_strategy
 from robustkit.defenses.advprop import auxiliary_bn, dual_layers
-from robustkit.threat import ThreatModel, parse_eps
+from robustkit.threat import ThreatModel
 from robustkit.training.loop import TrainConfig, TrainEvent, build_training_model, train
+from robustkit.units import parse_eps
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "advprop.md"

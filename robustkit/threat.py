@@ -7,25 +7,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 
 from robustkit.errors import UsageError
 
 NORMS = ("linf", "l2", "l1")
-
-
-def parse_eps(text: str | float) -> float:
-    """Parse ``8/255``, ``0.031`` or a number into a float (fractions are what papers write)."""
-    if isinstance(text, int | float):
-        return float(text)
-    try:
-        return float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
-        raise UsageError(
-            f"Cannot read eps {text!r}; write a number such as 0.03 or a fraction such as 8/255."
-        ) from None
 
 
 def _flat_norm(v: torch.Tensor, norm: str) -> torch.Tensor:

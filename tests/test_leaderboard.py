@@ -17,7 +17,8 @@ import pytest
 
 import robustkit.results.leaderboard
 from robustkit.errors import DataError, ResultExistsError, UsageError
-from robustkit.results.leaderboard import EXPORT_FORMATS, Leaderboard, ResultRow, eps_str, export
+from robustkit.results.leaderboard import EXPORT_FORMATS, Leaderboard, ResultRow, export
+from robustkit.units import eps_str
 
 
 def make_row(**changes) -> ResultRow:

@@ -7,7 +7,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from robustkit.threat import parse_eps
+from robustkit.units import parse_eps
 
 out = Console()
 err = Console(stderr=True)

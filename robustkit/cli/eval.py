@@ -133,7 +133,7 @@ def _print_cell(report) -> None:  # noqa: ANN001
 
 
 def _eps_str(eps: float) -> str:
-    from robustkit.results.leaderboard import eps_str
+    from robustkit.units import eps_str
 
     return eps_str(eps)
 

@@ -69,8 +69,8 @@ def train_rift_cmd(quiet: bool, **options: Any) -> None:
           --eps 2/255 --epochs 5 --out runs/rift-conv-small
     """
     from robustkit.cli.train_common import default_out
-    from robustkit.threat import parse_eps
     from robustkit.training.rift import RiftConfig, parse_alphas
+    from robustkit.units import parse_eps
 
     options["eps"] = parse_eps(options["eps"])
     if options.get("attack_step_size") is not None:

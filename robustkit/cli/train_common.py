@@ -12,6 +12,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from robustkit.units import eps_str
+
 # (option, TrainConfig field, click type, help) for the plain value options.
 VALUE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, "Registered model name, timm:NAME or torchvision:NAME (default digits-cnn)."),
@@ -100,7 +102,7 @@ def command_line_values(ctx: click.Context, options: dict[str, Any], tricks: tup
 
         values["eval_attacks"] = [a for item in eval_attacks for a in split_attacks(item) if a.lower() != "none"]
     if isinstance(values.get("attack_step_size"), str):
-        from robustkit.threat import parse_eps
+        from robustkit.units import parse_eps
 
         values["attack_step_size"] = parse_eps(values["attack_step_size"])
     return values
@@ -175,7 +177,9 @@ def run_training(config: Any, quiet: bool, *, runner: Any, show: bool = True) ->
         result = runner(config, progress=on_event)
     if not show:
         return
-    table = Table(title=f"{config.method} on {config.model}, {config.dataset}, {config.norm} eps={config.eps:.4g}")
+    tricks = f" + {', '.join(config.tricks)}" if getattr(config, "tricks", None) else ""
+    table = Table(title=f"{config.method}{tricks} on {config.model}, {config.dataset}, {config.norm} "
+                        f"eps={eps_str(config.eps)}")
     for col in ("epoch", "loss", "train acc", "clean", "FGSM", "PGD-10", "CO", "seconds"):
         table.add_column(col, justify="right")
     for r in result.history:

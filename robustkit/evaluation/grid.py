@@ -51,8 +51,9 @@ from robustkit.models import load_model, weights_sha256
 from robustkit.models import robustbench as rb
 from robustkit.models.checkpoint import check_sha256
 from robustkit.models.robustbench_weights import check_normalize, locate_weights
-from robustkit.results.leaderboard import Leaderboard, ResultRow, canonical_json, eps_str
-from robustkit.threat import ThreatModel, parse_eps
+from robustkit.results.leaderboard import Leaderboard, ResultRow, canonical_json
+from robustkit.threat import ThreatModel
+from robustkit.units import eps_str, parse_eps
 
 WORST_CASE = "worst-case"
 TRANSFER = "transfer"  # --attack transfer: every transfer attack from every surrogate, and their worst case

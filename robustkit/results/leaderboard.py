@@ -26,6 +26,7 @@ import pandas as pd
 
 from robustkit.errors import DataError, ResultExistsError, UsageError
 from robustkit.paths import check_file, make_dir
+from robustkit.units import eps_str
 
 SCHEMA_VERSION = 1  # stored in PRAGMA user_version
 BUSY_TIMEOUT_MS = 60_000
@@ -109,18 +110,6 @@ _JSON_FIELDS = ("attack_config", "extra")
 def default_path() -> Path:
     """The store used when none is given: ``$ROBUSTKIT_DB`` or ``~/.robustkit/leaderboard.db``."""
     return Path(os.environ.get("ROBUSTKIT_DB") or Path.home() / ".robustkit" / "leaderboard.db")
-
-
-def eps_str(eps: float) -> str:
-    """Eps as papers write it (``8/255`` when eps*255 is an integer, else ``0.5``); also the key.
-
-    Being the stored key, it absorbs float noise: 8/255 computed another way, or passed through
-    float32, gives the same text (tolerance 1e-5 on eps*255, 7 significant digits otherwise).
-    """
-    k = eps * 255
-    if math.isfinite(k) and eps != int(eps) and abs(k - round(k)) <= 1e-5:
-        return f"{round(k)}/255"
-    return f"{eps + 0.0:.7g}"  # + 0.0 folds -0.0 into 0.0
 
 
 def canonical_json(value: dict[str, Any]) -> str:
@@ -339,8 +328,13 @@ def _json_value(obj: Any) -> Any:
 
 
 def to_json_records(df: pd.DataFrame) -> str:
-    """A JSON list of row objects, missing values as null (pandas to_json would escape "/")."""
+    """A JSON list of row objects, missing values as null (pandas to_json would escape "/");
+    ``attack_config`` and ``extra`` nested as objects, as ``robustkit eval --json`` has them."""
     records = df.astype(object).where(df.notna(), None).to_dict(orient="records")
+    for record in records:
+        for name in _JSON_FIELDS:
+            if isinstance(record.get(name), str):
+                record[name] = json.loads(record[name])
     return json.dumps(records, indent=2, default=_json_value) + "\n"
 
 

@@ -24,8 +24,8 @@ import pandas as pd
 
 from robustkit.errors import DataError, UsageError
 from robustkit.models.robustbench import BENCHMARK_EPS, DATASETS, THREAT_MODELS, is_robustbench, parse_ref
-from robustkit.results.leaderboard import ResultRow, eps_str
-from robustkit.threat import parse_eps
+from robustkit.results.leaderboard import ResultRow
+from robustkit.units import eps_str, parse_eps
 
 #: The fields of robustbench.utils.ModelInfo that its Linf/L2 model-info files carry, in its order.
 FIELDS = (

@@ -71,10 +71,11 @@ from robustkit.models.sidecar import (
 )
 from robustkit.paths import check_dir
 from robustkit.registry import MODELS
-from robustkit.threat import ThreatModel, parse_eps
+from robustkit.threat import ThreatModel
 from robustkit.training.co_detector import COCheck, CODetector
 from robustkit.training.hooks import TrainingHooks
 from robustkit.training.optim import OPTIMIZERS, SCHEDULES, lr_factor, make_optimizer
+from robustkit.units import parse_eps
 
 log = logging.getLogger("robustkit.training.loop")
 

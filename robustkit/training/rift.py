@@ -53,7 +53,8 @@ from robustkit.data import Dataset, load_dataset, load_held_out
 from robustkit.errors import UsageError
 from robustkit.models import ZooModel, load_model
 from robustkit.paths import check_dir
-from robustkit.threat import ThreatModel, parse_eps
+from robustkit.threat import ThreatModel
+from robustkit.units import parse_eps
 
 AUGMENTS = ("auto", "crop-flip", "none")
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))

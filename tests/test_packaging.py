@@ -34,7 +34,11 @@ def wheel_files(wheel: Path) -> list[str]:
 def test_wheel_maps_top_level_folders_into_the_package(wheel_files: list[str]) -> None:
     for path in (
         "robustkit/__init__.py",
-        "robustkit/cli.py",
+        "robustkit/cli/main.py",
+        "robustkit/evaluation/grid.py",
+        "robustkit/results/leaderboard.py",
+        "robustkit/training/loop.py",
+        "robustkit/models/sidecar.py",
         "robustkit/attacks/__init__.py",
         "robustkit/attacks/pgd.py",
         "robustkit/defenses/__init__.py",

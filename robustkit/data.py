@@ -93,7 +93,9 @@ def _torchvision(cls_name: str) -> Callable[[Path | None, str, bool], tuple[np.n
         import torchvision.datasets as tvd
 
         if data_dir is None:
-            raise UsageError(f"Dataset {cls_name.lower()} needs --data-dir (the folder torchvision uses).")
+            raise UsageError(f"Dataset {cls_name.lower()} is read from a folder: pass --data-dir DIR (torchvision's "
+                             f"files in DIR), add --download to fetch them there, or give --dataset npz:FILE "
+                             f"(arrays x: uint8 N×H×W×C, y: labels).")
         cls = getattr(tvd, cls_name)
         kwargs = {"split": split} if cls_name == "SVHN" else {"train": split == "train"}
         ds = cls(str(data_dir), download=download, **kwargs)

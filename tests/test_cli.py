@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from robustkit import __version__
@@ -126,7 +127,8 @@ def test_eval_json_and_fraction_eps(capsys: pytest.CaptureFixture, db: str) -> N
         (["--attack", "autoattack", "--attack-kwargs", "square.n_queries=x"], 2, ["n_queries of square in autoattack"]),
         (["--attack", "autoattack", "--attack-kwargs", "square.n_querie=3"], 2, ["no option 'n_querie'", "n_queries"]),
         (["--attack-kwargs", "seed=3"], 2, ["seeded from --seed"]),
-        (["--model", "resnet20"], 1, ["takes 3-channel images", "(2, 1, 8, 8)", "never broadcasts grayscale"]),
+        (["--model", "resnet20", "--dataset", "digits"], 1,
+         ["takes 3-channel images", "(2, 1, 8, 8)", "never broadcasts grayscale"]),
         (
             ["--checkpoint", "/nonexistent/w.safetensors"],
             1,
@@ -275,3 +277,22 @@ def test_resume_without_a_checkpoint_says_so(capsys: pytest.CaptureFixture, tmp_
                        "--out", str(tmp_path / "run"), "--resume", "--quiet")
     assert code == 0, err
     assert "warning: --resume:" in err and "holds no checkpoint; starting a new run" in " ".join(err.split())
+
+
+@pytest.mark.parametrize("args,dataset,eps", [
+    (["--model", "wrn28"], "cifar10", "8/255"), (["--model", "resnet20", "--norm", "l2"], "cifar10", "0.5"),
+    (["--model", "mnist-cnn-a"], "mnist", "0.3"), ([], "digits", "0.1"),
+    (["--model", "resnet20", "--dataset", "npz:x.npz"], "npz:x.npz", "0.1"),
+])
+def test_data_and_radius_follow_the_model(capsys: pytest.CaptureFixture, args: list[str], dataset: str,
+                                          eps: str) -> None:
+    code, out, err = run(capsys, "eval", *args, "--dump-config")
+    assert code == 0, err
+    config = yaml.safe_load(out)
+    assert config["dataset"] == dataset and config["eps"] == [eps]
+
+
+def test_missing_torchvision_data_says_how_to_get_it(capsys: pytest.CaptureFixture, db: str) -> None:
+    code, _, err = run(capsys, "eval", "--db", db, "--model", "wrn28", "--attack", "square")
+    assert_user_error(code, err, 2, "Dataset cifar10 is read from a folder", "--data-dir", "--download",
+                      "--dataset npz:FILE")

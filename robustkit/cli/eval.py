@@ -115,6 +115,8 @@ def _print_cell(report) -> None:  # noqa: ANN001
     rows = report.existing + report.rows
     if not rows:
         return
+    for warning in report.warnings:  # before the numbers they qualify (random weights, an unusual eps)
+        err.print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
     first = rows[0]
     defense = f" + {first.defense}" if first.defense else ""
     title = f"{first.model}{defense} on {first.dataset} (n={first.n_examples}), {first.norm} eps={_eps_str(first.eps)}"
@@ -128,8 +130,6 @@ def _print_cell(report) -> None:  # noqa: ANN001
         for stage, acc in (r.extra or {}).get("per_stage", {}).get(r.attack, {}).items():
             table.add_row(f"  after {stage}", "", f"{100 * acc:.2f}%", "")
     out.print(table)
-    for warning in report.warnings:
-        out.print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
 
 
 def _eps_str(eps: float) -> str:

@@ -47,15 +47,21 @@ from robustkit.evaluation.attack_spec import (
 from robustkit.evaluation.records import save_adversarial, write_records
 from robustkit.evaluation.runner import BatchStore, EvalResult, ProgressFn, evaluate, merge_results, resolve_device
 from robustkit.evaluation.surrogates import load_surrogate, surrogate_from_sidecar, surrogate_labels
-from robustkit.models import load_model, weights_sha256
+from robustkit.models import is_external, load_model, model_info, weights_sha256
 from robustkit.models import robustbench as rb
 from robustkit.models.checkpoint import check_sha256
 from robustkit.models.robustbench_weights import check_normalize, locate_weights
+from robustkit.registry import MODELS
 from robustkit.results.leaderboard import Leaderboard, ResultRow, canonical_json
 from robustkit.threat import ThreatModel
 from robustkit.units import eps_str, parse_eps
 
 WORST_CASE = "worst-case"
+# The radius papers use where RobustBench has no board (MNIST: Madry et al.'s 0.3 Linf, 2 L2).
+STANDARD_EPS = {("mnist", "linf"): 0.3, ("mnist", "l2"): 2.0, ("cifar100", "l2"): 0.5}
+# The registered data set a model's input size and classes point to.
+DATASET_FOR_INPUT = {((1, 8, 8), 10): "digits", ((1, 28, 28), 10): "mnist", ((3, 32, 32), 10): "cifar10",
+                     ((3, 32, 32), 100): "cifar100"}
 TRANSFER = "transfer"  # --attack transfer: every transfer attack from every surrogate, and their worst case
 SCORE_BASED = ("square",)  # attacks that use only model outputs (for the gradient-masking check)
 LOCK_POLL_S = 0.5  # how often a run waiting for another process's cell tries its lock again
@@ -82,7 +88,7 @@ class EvalSpec:
     normalize: str | None = "default"
     threat_model: str | None = None  # RobustBench's (Linf, L2, ...): robustbench: models' zoo, default norm and eps
     model_dir: str | None = None  # RobustBench's weights folder (<model_dir>/<dataset>/<threat_model>/<name>.pt)
-    dataset: str = "digits"
+    dataset: str | None = None  # default: the data the first model is built for (cifar10 for resnet20), else digits
     data_dir: str | None = None
     split: str = "test"
     n_examples: int | None = None
@@ -93,7 +99,7 @@ class EvalSpec:
     defense: str | None = None  # an inference defense wrapping every model (e.g. aaa)
     defense_kwargs: dict[str, Any] = field(default_factory=dict)
     norm: str | None = None  # default: from threat_model (L2 -> l2), else linf
-    eps: list[float] = field(default_factory=list)  # default: RobustBench's eps for robustbench: models, else 0.1
+    eps: list[float] = field(default_factory=list)  # default: the data set's standard radius (8/255 Linf on CIFAR)
     seed: int = 0
     batch_size: int = 256
     device: str = "auto"
@@ -127,20 +133,24 @@ class EvalSpec:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}.")
 
     def _robustbench_defaults(self) -> None:
-        """Qualify ``robustbench:NAME`` models with the dataset and threat model, and fill norm and
-        eps: RobustBench's for its models (cifar10 Linf: 8/255), else linf and 0.1."""
+        """Qualify ``robustbench:NAME`` models with the dataset and threat model, and fill the data
+        set (the one the first model is built for), norm and eps (the data set's standard radius:
+        RobustBench's on CIFAR and ImageNet, 0.3 / 2 on MNIST, else 0.1)."""
         if self.threat_model:
             self.threat_model = rb.canonical_threat_model(self.threat_model)
         self.norm = self.norm or ("l2" if self.threat_model == "L2" else "linf")
-        dataset = self.dataset if self.dataset.lower() in rb.DATASETS else None
+        dataset = self.dataset if self.dataset and self.dataset.lower() in rb.DATASETS else None
         threat = self.threat_model or rb.threat_model_for_norm(self.norm)
         self.model = [rb.qualify(m, dataset, threat) if rb.is_robustbench(m) else m for m in self.model]
         refs = [rb.parse_ref(m) for m in self.model if rb.is_robustbench(m)]
         if self.model_dir and not refs:
             raise UsageError("--model-dir locates RobustBench weights; give a robustbench: model with it.")
+        if not self.dataset:
+            self.dataset = refs[0].dataset if refs else default_dataset(self.model[0])
         if not self.eps:
-            zoo_eps = rb.benchmark_eps(refs[0].dataset if refs else self.dataset.lower(), self.norm)
-            self.eps = [zoo_eps if zoo_eps is not None and (refs or self.threat_model) else 0.1]
+            name = refs[0].dataset if refs else self.dataset.lower()
+            zoo_eps = rb.benchmark_eps(name, self.norm)
+            self.eps = [zoo_eps if zoo_eps is not None else STANDARD_EPS.get((name, self.norm), 0.1)]
 
     def _surrogate_defaults(self) -> None:
         """Surrogates and their checkpoints as matching lists (names from the checkpoints' sidecars
@@ -324,6 +334,10 @@ class Grid:
             if not sha and not spec.prompt:
                 warnings.insert(0, f"{name} has no weights file (no --checkpoint and none packaged): these are the "
                                    f"numbers of a randomly initialized network.")
+            usual = rb.benchmark_eps(self.dataset.name, threat.norm)
+            if usual is not None and not usual / 4 <= threat.eps <= 2 * usual:
+                warnings.append(f"eps {eps_str(threat.eps)} is unusual on {self.dataset.name}: its standard "
+                                f"{threat.norm} radius is {eps_str(usual)}.")
             records = write_records(result, Path(spec.records_dir or self.home / "records") / run_id)
             extra = {"run_id": run_id, "records": str(records), "warnings": warnings,
                      "wall_seconds": time.perf_counter() - t0,
@@ -415,6 +429,14 @@ def _cache_name(db: Path) -> str:
     two databases in one folder never share (or clear) each other's caches."""
     path = Path(db).resolve()
     return f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def default_dataset(model: str) -> str:
+    """The registered data set ``model`` is built for (by input size and classes), else digits."""
+    if is_external(model) or model not in MODELS:
+        return "digits"
+    info = model_info(model)
+    return DATASET_FOR_INPUT.get((tuple(info.input_size), info.num_classes), "digits")
 
 
 def _model_from_sidecar(checkpoint: str | None) -> str:

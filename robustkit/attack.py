@@ -149,6 +149,13 @@ def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
+def _unscale(grad: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+    """``grad * 2**-exp`` per row in ``grad``'s dtype, in two exact power-of-two factors (one
+    factor would underflow fp32 for the tiny gradients of confident points)."""
+    half = torch.floor(exp / 2)
+    return grad * _view(torch.exp2(-half).to(grad.dtype), grad) * _view(torch.exp2(half - exp).to(grad.dtype), grad)
+
+
 def scaled_input_grad(
     model: nn.Module, x: torch.Tensor, logits: torch.Tensor, grad_logits: torch.Tensor, *, coupled: bool = False
 ) -> torch.Tensor:
@@ -167,7 +174,7 @@ def scaled_input_grad(
         return grad
 
     if coupled:
-        result = torch.zeros_like(x, dtype=torch.float64)
+        result = torch.zeros_like(x)
         bands = torch.div(top, HALF_BAND_BITS, rounding_mode="floor")
         biggest = float(peak[live].max()) if bool(live.any()) else 0.0
         for band in bands[live].unique().tolist():
@@ -178,13 +185,12 @@ def scaled_input_grad(
             for _ in range(HALF_RETRIES + 1):
                 grad = vjp(rows * 2.0**exp)
                 if bool(torch.isfinite(grad).all()):  # an overflow anywhere spoils every row
-                    result += grad.double() * 2.0**-exp
+                    result += _unscale(grad, torch.full((len(x),), exp, dtype=torch.float64, device=x.device))
                     redo |= rows & (grad.flatten(1) == 0).all(1)
                     break
                 exp -= HALF_STEP_EXP
             else:
                 redo |= rows
-        result = result.to(x.dtype)
     else:
         result = torch.zeros_like(x)
         exp = HALF_TARGET_EXP - top
@@ -196,7 +202,7 @@ def scaled_input_grad(
             finite, zero = torch.isfinite(flat).all(1), (flat == 0).all(1)
             up = pending & finite & zero & (exp + HALF_STEP_EXP < low) & (raised < 2) & (attempt < HALF_RETRIES)
             done = pending & finite & ~up
-            result = torch.where(_view(done, x), (grad.double() * _view(torch.exp2(-exp), x)).to(x.dtype), result)
+            result = torch.where(_view(done, x), _unscale(grad, exp), result)
             redo |= done & zero  # all zero in fp16 even scaled up: confirmed in fp32 below
             over = pending & ~finite
             low = torch.where(over, exp, low)
@@ -207,8 +213,8 @@ def scaled_input_grad(
                 break
         redo |= pending
     if bool(redo.any()):
-        # rows fp16 could not give: recomputed in fp32 (coupled rows: the whole batch, which in train
-        # mode updates BatchNorm's running statistics once more)
+        # rows fp16 could not give: recomputed in fp32 (rare; coupled rows: the whole batch, which in
+        # train mode updates BatchNorm's running statistics once more; a random model draws again)
         idx = torch.arange(len(x), device=x.device) if coupled else redo.nonzero().flatten()
         with _without_autocast(x.device.type):
             xr = x[idx].detach().requires_grad_(True)

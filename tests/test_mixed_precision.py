@@ -111,6 +111,26 @@ def test_train_mode_batchnorm_rows_are_scaled_in_bands() -> None:
     assert _cosine(g16, g32).min() > 0.98
 
 
+def test_other_libraries_attacks_get_scaled_gradients_too() -> None:
+    """torchattacks and pyautoattack call the model through Forward, so they need no refusal under
+    fp16: on the confident CNN at Linf 24/255 (64 points) robust accuracy was 3.1% in fp32 and, under
+    fp16 before, 76.6% (torchattacks PGD) and 68.8% (pyautoattack APGD-CE); now 3.1% each."""
+    _cpu_half()
+    pytest.importorskip("torchattacks")
+    pytest.importorskip("pyautoattack")
+    from robustkit.attacks import PyAutoAttack
+
+    model = _confident()
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    threat = ThreatModel("linf", 24 / 255)
+    for make in (lambda c: TorchAttacks(threat, attack="PGD", autocast=c),
+                 lambda c: PyAutoAttack(threat, attacks="apgd-ce", autocast=c)):
+        acc = {c: make(c)(model, x, y).robust_accuracy for c in (None, "fp16")}
+        assert abs(acc["fp16"] - acc[None]) <= 1 / 64 + 1e-9, acc
+
+
 @pytest.fixture(scope="module")
 def resnet20() -> nn.Module:
     return load_model("resnet20", shared_file("models/resnet20-12fca82f.th")).eval()

@@ -134,7 +134,8 @@ class AutoAttack(VersionOrList, Attack):
         return [name for name, _ in self.stages]
 
     def config(self) -> dict[str, Any]:
-        cfg: dict[str, Any] = {"version": self.version, "stages": {n: a.config() for n, a in self.stages}}
+        stages = {n: {k: v for k, v in a.config().items() if k != "autocast"} for n, a in self.stages}
+        cfg: dict[str, Any] = {"version": self.version, "stages": stages}  # the precision is recorded once, here
         if self.skipped:
             cfg["skipped"] = self.skipped
         return cfg
@@ -161,8 +162,8 @@ class AutoAttack(VersionOrList, Attack):
                 room = {"budget": budget or len(x)} if attack.takes_budget else {}
                 out = attack.perturb(forward, x[rows], y[rows], None, stage_gen, **room)
                 adv = attack.threat.clip(out.x_adv.detach(), x[rows])
-                with torch.no_grad():
-                    hit = attack.is_success(forward(adv), y[rows], None)
+                with torch.no_grad():  # judged in fp32: a point fp16 alone calls broken goes to the next stage
+                    hit = attack.is_success(forward.fp32(adv), y[rows], None)
                 x_adv[rows[hit]] = adv[hit]  # robust points keep x, as in the reference
                 broken[rows[hit]] = True
                 if out.queries is not None:

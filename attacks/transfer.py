@@ -341,7 +341,7 @@ def transfer_attack(attack: Attack, surrogate: nn.Module, target_model: nn.Modul
     target = target.to(x.device) if target is not None else None
     forward = Forward(target_model, attack.autocast, attack.channels_last)
     with attack_mode(target_model), torch.no_grad():
-        success = attack.is_success(forward(crafted.x_adv), y, target)
+        success = attack.is_success(forward.fp32(crafted.x_adv), y, target)
     return AttackResult(x_adv=crafted.x_adv, success=success, queries=crafted.queries)
 
 

@@ -13,9 +13,9 @@ alone, each point is frozen at its first adversarial iterate, eval mode), which 
 robustness correctly but is not what these methods train on (the last iterate of every point).
 Projection, clamping and random starts still come from :class:`~robustkit.threat.ThreatModel`.
 Gradients are taken with ``torch.autograd.grad`` with respect to the input only, so nothing
-accumulates in the parameters. PGD-AT and the FGSM methods generate their perturbation in train
-mode (as the reference code of Rice et al. and Wong et al. does); TRADES and MART in eval mode
-(as their official code does).
+accumulates in the parameters; under fp16 autocast they are loss-scaled (:func:`ascend`). PGD-AT
+and the FGSM methods generate their perturbation in train mode (as the reference code of Rice
+et al. and Wong et al. does); TRADES and MART in eval mode (as their official code does).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustkit.attack import Forward, frozen_parameters
 from robustkit.errors import UnknownNameError, UsageError
 from robustkit.registry import DEFENSES
 from robustkit.threat import ThreatModel
@@ -65,14 +66,19 @@ def ascend(
     step_size: float,
     loss_fn: Any,
 ) -> torch.Tensor:
-    """``steps`` steepest-ascent steps on ``loss_fn(logits, cur)`` (summed) from ``start``, each
-    projected onto the threat set around ``x``; returns the last iterate (detached)."""
+    """``steps`` steepest-ascent steps on ``loss_fn(logits, cur)`` (summed, on fp32 logits) from
+    ``start``, each projected onto the threat set around ``x``; returns the last iterate (detached).
+    Under the training step's fp16 autocast the input gradient is loss-scaled (robustkit's
+    :class:`~robustkit.attack.Forward`; the parameters are frozen meanwhile), so it does not
+    underflow to zero on confidently classified points."""
     cur = start.detach()
-    for _ in range(steps):
-        cur.requires_grad_(True)
-        loss = loss_fn(model(cur).float(), cur)
-        (grad,) = torch.autograd.grad(loss, cur)
-        cur = threat.clip(cur.detach() + step_size * _direction(grad, threat.norm), x).detach()
+    forward = Forward(model)
+    with frozen_parameters(model):
+        for _ in range(steps):
+            cur.requires_grad_(True)
+            loss = loss_fn(forward(cur), cur)
+            (grad,) = torch.autograd.grad(loss, cur)
+            cur = threat.clip(cur.detach() + step_size * _direction(grad, threat.norm), x).detach()
     return cur
 
 

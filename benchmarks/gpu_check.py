@@ -415,11 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(args.data / "site"))  # the oracles' sources, where pip is not available
     use_checkout()
     logging.getLogger("auto-attack").setLevel(logging.ERROR)
-    try:  # TODO(merge): robustkit's CUDA determinism switch
-        from robustkit.determinism import deterministic
-        deterministic()
-    except ImportError:
-        pass
+    from robustkit.determinism import deterministic_cuda  # after use_checkout: robustkit may come from here
+
+    if args.device.startswith("cuda"):
+        deterministic_cuda()
     started = time.perf_counter()
     report = Check(args).run()
     header = (f"# GPU check\n\n`python benchmarks/gpu_check.py --data {args.data} --device {args.device}"

@@ -353,6 +353,8 @@ class Attack:
         target = target.to(x.device) if target is not None else None
         x = x.detach()
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        if self.channels_last:  # the weights too, once (in place; a no-op on later calls)
+            model.to(memory_format=torch.channels_last)
         forward = Forward(model, self.autocast, self.channels_last)
         with attack_mode(model):
             with torch.no_grad():  # verdicts are fp32 (the logits evaluation predicts with)

@@ -22,6 +22,7 @@ from torch import nn
 
 from robustkit.attack import Attack, logits_of
 from robustkit.data import Dataset
+from robustkit.determinism import deterministic_cuda
 from robustkit.errors import UsageError
 
 try:
@@ -128,19 +129,24 @@ class BatchStore:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU."""
+    """``auto`` picks CUDA, then MPS, then CPU. On CUDA it also makes the process deterministic
+    (cuDNN deterministic, no benchmark, no TF32), so resume and sharding give one run's numbers."""
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"Unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but CUDA is not available here; use --device auto or cpu.")
+            dev = torch.device("cuda")
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            dev = torch.device("mps")
+        else:
+            dev = torch.device("cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise UsageError(f"Unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps.") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but CUDA is not available here; use --device auto or cpu.")
+    if dev.type == "cuda":
+        deterministic_cuda()
     return dev
 
 

@@ -5,6 +5,8 @@ No home-made transport: torch.distributed with gloo on CPU and nccl on CUDA.
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 from datetime import timedelta
 from typing import Any
@@ -27,6 +29,12 @@ def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> bool:
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # torch.distributed.nn.functional takes ``group=group.WORLD`` as default arguments, evaluated
+    # when it is first imported (DistributedDataParallel imports it through torch._dynamo). Imported
+    # after the group exists, those defaults hold the group for good: destroy_process_group() then
+    # leaves gloo's threads and connections alive into interpreter shutdown, where a worker can
+    # abort ("terminate called without an active exception"). Imported now, the defaults are None.
+    importlib.import_module("torch.distributed.nn.functional")
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return True
 
@@ -54,12 +62,16 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group. The group's last reference going joins gloo's threads and closes its
+    connections, here rather than while the interpreter shuts down (where a worker can abort); so
+    first collect garbage such as a finished DistributedDataParallel wrapper (reference cycles),
+    which holds the group."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
 def finish() -> None:
-    """Wait for every rank, then leave the group: a rank that exits while its peers still hold
-    connections to it can make gloo abort them (SIGABRT, seen in CI)."""
+    """Wait for every rank, then leave the group (:func:`shutdown`)."""
     barrier()
     shutdown()

@@ -1,4 +1,5 @@
-"""torchrun helpers: start the process group from the environment, shard, gather to rank 0.
+"""torchrun helpers: start the process group from the environment, pick each worker's device,
+shard, gather to rank 0.
 
 No home-made transport: torch.distributed with gloo on CPU and nccl on CUDA.
 """
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .errors import UsageError
+
 
 def world() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) outside torchrun."""
@@ -22,27 +25,69 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, "") or default)
+    except ValueError:
+        return default
+
+
+def rank_device(device: str = "auto") -> str:
+    """The device this torchrun worker uses for ``device``: with several workers, ``auto`` and
+    ``cuda`` mean the GPU of its LOCAL_RANK. Raises :class:`UsageError` alike on every worker when
+    the workers on this machine outnumber its GPUs or one GPU (``cuda:N``) is named for several."""
+    size = world()[1] if dist.is_available() and dist.is_initialized() else _env_int("WORLD_SIZE", 1)
+    if size <= 1:
+        return device
+    try:
+        parsed = torch.device(device) if device != "auto" else None
+    except RuntimeError:
+        raise UsageError(f"Unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps.") from None
+    if parsed is not None and parsed.type == "cuda" and parsed.index is not None:
+        raise UsageError(f"--device {device} names one GPU for all {size} workers; use --device cuda (each "
+                         f"worker takes the GPU of its LOCAL_RANK) or --device cpu.")
+    if device not in ("auto", "cuda"):
+        return device
+    if not torch.cuda.is_available():
+        if device == "cuda":
+            raise UsageError("--device cuda was asked for but CUDA is not available here; use --device auto or cpu.")
+        return device
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_size = max(_env_int("LOCAL_WORLD_SIZE", 0), local_rank + 1)
+    gpus = torch.cuda.device_count()
+    if local_size > gpus:
+        raise UsageError(f"torchrun started {local_size} workers on a machine with {gpus} GPU(s); start at most "
+                         f"{gpus} per machine (--nproc-per-node {gpus}) or run them on the CPU (--device cpu).")
+    return f"cuda:{local_rank}"
+
+
 def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); True when this call started it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    """Join the process group torchrun describes (WORLD_SIZE > 1); True when this call started it.
+
+    The device is checked first (:func:`rank_device`), so a bad one fails on every worker before
+    any collective could wait for a worker that has stopped.
+    """
+    if _env_int("WORLD_SIZE", 1) <= 1 or dist.is_initialized():
         return False
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    chosen = rank_device(device)
+    use_cuda = chosen.startswith("cuda")
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(torch.device(chosen))
     # torch.distributed.nn.functional takes ``group=group.WORLD`` as default arguments, evaluated
     # when it is first imported (DistributedDataParallel imports it through torch._dynamo). Imported
     # after the group exists, those defaults hold the group for good: destroy_process_group() then
     # leaves gloo's threads and connections alive into interpreter shutdown, where a worker can
     # abort ("terminate called without an active exception"). Imported now, the defaults are None.
     importlib.import_module("torch.distributed.nn.functional")
+
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return True
 
 
 def local_device(device: str) -> str:
-    """Under torchrun with CUDA, each process uses the GPU of its LOCAL_RANK."""
-    if dist.is_initialized() and torch.cuda.is_available() and device in ("auto", "cuda"):
-        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    """Under torchrun, the device of this worker (:func:`rank_device`); ``device`` otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        return rank_device(device)
     return device
 
 

@@ -1,4 +1,5 @@
-"""torchrun helpers: leaving the process group without gloo threads left for interpreter shutdown."""
+"""torchrun helpers: each worker's device (faked GPU counts, no GPU needed) and leaving the process
+group without gloo threads left for interpreter shutdown."""
 
 from __future__ import annotations
 
@@ -9,11 +10,71 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 from robustkit import distributed
-from robustkit.distributed import init_from_env
+from robustkit.cli import main
+from robustkit.distributed import init_from_env, rank_device
+from robustkit.errors import UsageError
+
+
+@pytest.fixture
+def torchrun_env(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """Worker ``rank`` of two on one machine with ``gpus`` fake GPUs; init_process_group must not run."""
+
+    def fake(rank: int = 0, gpus: int = 0, world: int = 2) -> None:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(world))
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+
+    def no_group(*_a: object, **_k: object) -> None:
+        raise AssertionError("init_process_group was reached")
+
+    monkeypatch.setattr(dist, "init_process_group", no_group)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda _d: None)
+    return fake
+
+
+def test_each_worker_takes_the_gpu_of_its_local_rank(torchrun_env) -> None:  # noqa: ANN001
+    torchrun_env(rank=1, gpus=2)
+    assert rank_device("auto") == rank_device("cuda") == "cuda:1"
+    assert rank_device("cpu") == "cpu"
+    torchrun_env(rank=1, gpus=0)
+    assert rank_device("auto") == "auto"  # CPU (gloo)
+    with pytest.raises(UsageError, match="CUDA is not available"):
+        rank_device("cuda")
+    torchrun_env(rank=0, gpus=1, world=1)
+    assert rank_device("cuda:0") == "cuda:0"  # one process: any device
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_more_workers_than_gpus_fail_on_every_worker_before_any_collective(torchrun_env, rank: int) -> None:  # noqa: ANN001
+    torchrun_env(rank=rank, gpus=1)  # rank 0 has a GPU, but rank 1 has none: both refuse
+    with pytest.raises(UsageError) as e:
+        init_from_env("auto")
+    assert str(e.value) == ("torchrun started 2 workers on a machine with 1 GPU(s); start at most 1 per machine "
+                            "(--nproc-per-node 1) or run them on the CPU (--device cpu).")
+
+
+def test_one_named_gpu_for_several_workers_is_refused(torchrun_env) -> None:  # noqa: ANN001
+    torchrun_env(rank=1, gpus=2)
+    with pytest.raises(UsageError, match=r"^--device cuda:0 names one GPU for all 2 workers; use --device cuda"):
+        init_from_env("cuda:0")
+
+
+def test_eval_cli_refuses_a_bad_device_under_torchrun(torchrun_env, capsys: pytest.CaptureFixture,
+                                                     tmp_path: Path) -> None:  # noqa: ANN001
+    torchrun_env(rank=0, gpus=1)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--db", str(tmp_path / "b.db"), "--device", "cuda:0", "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "names one GPU for all 2 workers" in err
+
 
 # -- leaving the group -----------------------------------------------------------------------------------
 

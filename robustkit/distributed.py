@@ -1,21 +1,28 @@
 """torchrun helpers: start the process group from the environment, pick each worker's device,
-shard, gather to rank 0.
+shard, and hand a shard's results to rank 0 through a shared folder.
 
-No home-made transport: torch.distributed with gloo on CPU and nccl on CUDA.
+No home-made transport for tensors: torch.distributed with gloo on CPU and nccl on CUDA.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib
+import json
 import os
+import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .errors import UsageError
+from .errors import UsageError, UserError
+
+
+class WorkerTimeoutError(UserError):
+    """Rank 0 waited too long for another worker's results."""
 
 
 def world() -> tuple[int, int]:
@@ -120,3 +127,74 @@ def finish() -> None:
     """Wait for every rank, then leave the group (:func:`shutdown`)."""
     barrier()
     shutdown()
+
+
+# -- results through a shared folder (no collective: no worker waits in gloo for another's work) ------
+
+
+def _launch() -> str:
+    """What the workers of one torchrun launch share (so rank 0 skips notes of an earlier launch)."""
+    keys = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")
+    return "/".join(os.environ.get(k, "") for k in keys)
+
+
+def _note(folder: Path, rank: int) -> Path:
+    return folder / f"rank_{rank:05d}.json"
+
+
+def post_shard(folder: str | Path, payload: dict[str, Any]) -> None:
+    """A worker other than rank 0: note in ``folder`` that its share is there (``payload``: JSON)."""
+    rank, _ = world()
+    folder = Path(folder)
+    tmp = folder / f".rank_{rank:05d}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"launch": _launch(), "payload": payload}))
+    os.replace(tmp, _note(folder, rank))
+
+
+def _folder_state(folder: Path) -> tuple[int, float]:
+    """How many entries ``folder`` has and the newest modification time (what tells progress)."""
+    count, newest = 0, 0.0
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                count += 1
+                try:
+                    newest = max(newest, entry.stat().st_mtime)
+                except OSError:  # replaced meanwhile
+                    pass
+    except OSError:
+        pass
+    return count, newest
+
+
+def wait_for_shards(folder: str | Path, timeout_s: float, what: str) -> dict[int, dict[str, Any]]:
+    """Rank 0: the payloads every other worker posted in ``folder`` (:func:`post_shard`), each note
+    removed once read. Waits without a collective and gives up after ``timeout_s`` seconds in which
+    no worker posted and nothing new appeared in ``folder`` (their batches)."""
+    _, size = world()
+    folder = Path(folder)
+    got: dict[int, dict[str, Any]] = {}
+    seen: tuple[int, float] | None = None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for rank in range(1, size):
+            if rank in got or not _note(folder, rank).is_file():
+                continue
+            try:
+                note = json.loads(_note(folder, rank).read_text())
+            except (OSError, ValueError):
+                continue
+            if note.get("launch") == _launch():
+                got[rank] = note["payload"]
+                _note(folder, rank).unlink(missing_ok=True)
+        if len(got) == size - 1:
+            return got
+        state = _folder_state(folder)
+        if state != seen:
+            seen, deadline = state, time.monotonic() + timeout_s
+        elif time.monotonic() > deadline:
+            missing = ", ".join(str(r) for r in range(1, size) if r not in got)
+            raise WorkerTimeoutError(
+                f"Worker(s) {missing} posted no results for {what} in {folder} for {timeout_s:g} s; put --db on a "
+                f"folder every worker can see (several machines: a shared file system) or raise --dist-timeout.")
+        time.sleep(0.2)

@@ -1,5 +1,5 @@
-"""torchrun helpers: each worker's device (faked GPU counts, no GPU needed) and leaving the process
-group without gloo threads left for interpreter shutdown."""
+"""torchrun helpers: each worker's device (faked GPU counts, no GPU needed), leaving the process
+group without gloo threads left for interpreter shutdown, and the shard notes rank 0 waits for."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from torch import nn
 
 from robustkit import distributed
 from robustkit.cli import main
-from robustkit.distributed import init_from_env, rank_device
+from robustkit.distributed import WorkerTimeoutError, init_from_env, post_shard, rank_device, wait_for_shards
 from robustkit.errors import UsageError
+from robustkit.experiment import EvalSpec, run_grid
 
 
 @pytest.fixture
@@ -76,6 +77,24 @@ def test_eval_cli_refuses_a_bad_device_under_torchrun(torchrun_env, capsys: pyte
     assert e.value.code == 2 and err.count("\n") == 1 and "names one GPU for all 2 workers" in err
 
 
+def test_eval_passes_dist_timeout_to_the_process_group(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[tuple[str, float]] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(device: str = "auto", timeout_s: float = 600.0) -> bool:
+        seen.append((device, timeout_s))
+        raise Stop
+
+    monkeypatch.setattr(distributed, "init_from_env", fake)
+    with pytest.raises(Stop):
+        run_grid(EvalSpec(dist_timeout=42, device="cpu"), db=tmp_path / "b.db")
+    assert seen == [("cpu", 42)]
+    with pytest.raises(UsageError, match="--dist-timeout must be a positive number of seconds, got 0"):
+        EvalSpec(dist_timeout=0)
+
+
 # -- leaving the group -----------------------------------------------------------------------------------
 
 
@@ -115,3 +134,29 @@ def test_leaving_the_group_after_ddp_stops_gloo_threads(tmp_path: Path) -> None:
         during, after = (tmp_path / f"threads-{rank}.txt").read_text().split("\n")
         assert "gloo" in during, during  # the check can see gloo's threads
         assert "gloo" not in after, f"rank {rank} still runs {after} after leaving the group"
+
+
+# -- shard notes -----------------------------------------------------------------------------------------
+
+
+def test_rank_0_reads_the_notes_of_the_other_workers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-a")
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    post_shard(tmp_path, {"seconds": {"clean": 1.5}})
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    assert wait_for_shards(tmp_path, 5, "cell") == {1: {"seconds": {"clean": 1.5}}}
+    assert list(tmp_path.iterdir()) == []  # read once
+
+
+def test_rank_0_gives_up_on_a_silent_worker_and_skips_old_notes(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "an-earlier-launch")
+    post_shard(tmp_path, {"seconds": {}})
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "this-launch")
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    with pytest.raises(WorkerTimeoutError) as e:
+        wait_for_shards(tmp_path, 0.5, "digits-cnn linf eps=0.1")
+    assert str(e.value) == (f"Worker(s) 1 posted no results for digits-cnn linf eps=0.1 in {tmp_path} for 0.5 s; put "
+                            "--db on a folder every worker can see (several machines: a shared file system) or "
+                            "raise --dist-timeout.")

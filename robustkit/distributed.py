@@ -113,13 +113,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(collect: bool = True) -> None:
     """Leave the process group. The group's last reference going joins gloo's threads and closes its
     connections, here rather than while the interpreter shuts down (where a worker can abort); so
     first collect garbage such as a finished DistributedDataParallel wrapper (reference cycles),
-    which holds the group."""
+    which holds the group (``collect=False``: a worker that is failing leaves at once)."""
     if dist.is_available() and dist.is_initialized():
-        gc.collect()
+        if collect:
+            gc.collect()
         dist.destroy_process_group()
 
 

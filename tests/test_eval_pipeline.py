@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,16 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
 
-from robustkit import ThreatModel
+from robustkit import ThreatModel, distributed
 from robustkit.attacks import PGD
 from robustkit.cli import main
 from robustkit.evaluation import diagnostics as diag
 from robustkit.evaluation.grid import EvalSpec, run_grid
 from robustkit.evaluation.records import read_records
 from robustkit.evaluation.runner import _clock
+from robustkit.registry import ATTACKS
 from robustkit.results.leaderboard import Leaderboard
 
 from conftest import shared_file
@@ -207,6 +210,48 @@ def test_sharded_run_equals_single_process(tmp_path: Path) -> None:
     b = json.loads(ref)[0]
     assert (rows[0].clean_acc, rows[0].robust_acc) == (b["clean_acc"], b["robust_acc"])
     assert read_records(rows[0].extra["records"]).equals(read_records(b["extra"]["records"]))
+
+
+SLOW_S, TIMEOUT_S = 12.0, 8.0  # rank 0's one batch takes longer than --dist-timeout
+
+
+class SlowOnRank0(PGD):
+    """PGD that sleeps on rank 0 of two workers (so rank 1, which has no batch, would wait for it)."""
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw: object):  # noqa: ANN204
+        if distributed.world() == (0, 2):
+            time.sleep(SLOW_S)
+        return super().__call__(model, x, y, **kw)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sharded_worker(rank: int, port: int, db: str, spec: dict) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    ATTACKS.add("slow-pgd", SlowOnRank0)
+    run_grid(EvalSpec(**spec), db=db)
+
+
+def test_a_worker_without_batch_does_not_wait_for_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers, one batch: rank 1 has none. It must not sit in a collective while rank 0 works
+    (longer than --dist-timeout here), and the rows equal those of one process."""
+    spec = dict(n_examples=15, batch_size=20, attack=["slow-pgd"], attack_kwargs={"steps": 10}, eps=[0.15],
+                device="cpu", dist_timeout=TIMEOUT_S)
+    mp.start_processes(_sharded_worker, args=(_free_port(), str(tmp_path / "two" / "b.db"), spec), nprocs=2,
+                       start_method="spawn")
+    monkeypatch.setitem(ATTACKS._items, "slow-pgd", SlowOnRank0)
+    one = run_grid(EvalSpec(**spec), db=tmp_path / "one" / "b.db")[0].rows
+    two = Leaderboard(tmp_path / "two" / "b.db").rows()
+    assert len(one) == len(two) == 1 and two[0].n_examples == 15
+    assert (two[0].clean_acc, two[0].robust_acc) == (one[0].clean_acc, one[0].robust_acc)
+    assert two[0].seconds >= SLOW_S  # rank 0's time is in the row
+    assert read_records(two[0].extra["records"]).equals(read_records(one[0].extra["records"]))
 
 
 class Softmax(nn.Module):

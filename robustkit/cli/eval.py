@@ -41,6 +41,8 @@ from robustkit.cli.console import ProgressBars, err, out
 @click.option("--seed", type=int, help="[default: 0]")
 @click.option("--batch-size", type=int, help="[default: 256]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]")
+@click.option("--dist-timeout", type=float, help="Under torchrun: seconds to wait for the other workers before "
+              "giving up. [default: 600]")
 @click.option("--diagnose/--no-diagnose", default=None, help="Gradient-masking and sanity checks (on for autoattack).")
 @click.option("--records", "records_dir", type=click.Path(file_okay=False),
               help="Folder for per-sample records (default: records/ in the leaderboard file's folder, "

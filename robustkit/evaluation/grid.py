@@ -109,6 +109,7 @@ class EvalSpec:
     surrogate: list[str] = field(default_factory=list)  # craft on these models, score on each evaluated model
     surrogate_checkpoint: list[str | None] = field(default_factory=list)  # one per surrogate ("" = none)
     prompt: str | None = None  # a trained visual prompt (robustkit train prompt) around every model
+    dist_timeout: float = 600.0  # torchrun: seconds to wait for the other workers before giving up
 
     def __post_init__(self) -> None:
         self.model = _split(self.model)
@@ -131,6 +132,9 @@ class EvalSpec:
                              f"{len(self.checkpoint)} checkpoints.")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        timeout = self.dist_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise UsageError(f"--dist-timeout must be a positive number of seconds, got {timeout!r}.")
 
     def _robustbench_defaults(self) -> None:
         """Qualify ``robustbench:NAME`` models with the dataset and threat model, and fill the data
@@ -326,10 +330,9 @@ class Grid:
             result = evaluate(model, self.dataset, attacks, batch_size=spec.batch_size, device=self.device,
                               store=store, shard=dist.world(), keep_adv=spec.save_adv is not None,
                               progress=(lambda *a: progress(label, *a)) if progress else None)
-            gathered = dist.gather_to_rank0(result)
-            if gathered is None:
+            result = self._collect(model, attacks, store, result, label)
+            if result is None:
                 return None
-            result = merge_results(gathered)
             warnings = self._diagnose(model, attacks, threat, result) if self._diagnosing() else []
             if not sha and not spec.prompt:
                 warnings.insert(0, f"{name} has no weights file (no --checkpoint and none packaged): these are the "
@@ -354,6 +357,27 @@ class Grid:
             store.clear()
         kept = [r for r in existing if r.attack not in {row.attack for row in rows}]
         return CellReport(name, threat.eps, rows, kept, result, warnings, records)
+
+    def _collect(self, model: torch.nn.Module, attacks: list[tuple[str, Attack]], store: BatchStore,
+                 result: EvalResult, label: str) -> EvalResult | None:
+        """Under torchrun, the cell's result on rank 0 (None on the others). No collective: the
+        others note in the batch store that their batches are there and go on to the next cell;
+        rank 0 waits for the notes, then reads their batches (any missing one it computes)."""
+        rank, world = dist.world()
+        if world == 1:
+            return result
+        if rank:
+            dist.post_shard(store.directory, {"seconds": result.seconds})
+            return None
+        patience = max(self.spec.dist_timeout, 2 * sum(result.seconds.values()))  # a batch may take long
+        notes = dist.wait_for_shards(store.directory, patience, label)
+        parts = [result]
+        for r in range(1, world):
+            part = evaluate(model, self.dataset, attacks, batch_size=self.spec.batch_size, device=self.device,
+                            store=store, shard=(r, world), keep_adv=self.spec.save_adv is not None)
+            part.seconds = dict(notes[r]["seconds"])
+            parts.append(part)
+        return merge_results(parts)
 
     @contextmanager
     def _locked(self, store: BatchStore, label: str) -> Iterator[None]:
@@ -493,11 +517,12 @@ def wrap_defense(model: torch.nn.Module, name: str | None, kwargs: dict[str, Any
 def run_grid(spec: EvalSpec, *, db: str | Path | None = None, overwrite: bool = False,
              progress: CellProgress | None = None) -> list[CellReport]:
     """Evaluate every cell of ``spec``; under torchrun only rank 0 gets the reports (others: [])."""
-    started = dist.init_from_env(spec.device)
-    reports = Grid(spec, db=db, overwrite=overwrite).run(progress)
-    if started:
-        dist.finish()  # every rank leaves together, after rank 0 has written the rows
-    return reports
+    started = dist.init_from_env(spec.device, timeout_s=spec.dist_timeout)
+    try:
+        return Grid(spec, db=db, overwrite=overwrite).run(progress)
+    finally:
+        if started:  # no barrier: a worker done with its batches leaves while rank 0 still merges
+            dist.shutdown()
 
 
 def summary(reports: Sequence[CellReport]) -> list[dict[str, Any]]:

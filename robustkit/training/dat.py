@@ -352,8 +352,8 @@ def train_dat(config: DATConfig, *, progress: ProgressFn | None = None, model: Z
                          rank) from None
         raise
     finally:
-        if owned:
-            distributed.shutdown()
+        if owned:  # after finish() only when failing: leave at once, before torchrun's SIGTERM ends this worker
+            distributed.shutdown(collect=False)
 
 
 class _DATRun:

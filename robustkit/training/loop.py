@@ -886,5 +886,6 @@ def _evaluate_final(config: TrainConfig, result: TrainResult) -> Any:
         seed=config.seed,
         batch_size=max(config.batch_size, 256),
         device=config.device,
+        dist_timeout=getattr(config, "dist_timeout", 600.0),  # DAT's --dist-timeout
     )
     return run_grid(spec, db=config.db)

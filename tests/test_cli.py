@@ -296,3 +296,9 @@ def test_missing_torchvision_data_says_how_to_get_it(capsys: pytest.CaptureFixtu
     code, _, err = run(capsys, "eval", "--db", db, "--model", "wrn28", "--attack", "square")
     assert_user_error(code, err, 2, "Dataset cifar10 is read from a folder", "--data-dir", "--download",
                       "--dataset npz:FILE")
+
+
+def test_aliases_are_stored_under_the_registry_name(capsys: pytest.CaptureFixture) -> None:
+    for alias in ("wrn28", "WRN-28-10"):
+        code, out, _ = run(capsys, "eval", "--model", alias, "--dump-config")
+        assert code == 0 and yaml.safe_load(out)["model"] == ["wrn-28-10"]

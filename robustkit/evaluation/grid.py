@@ -123,6 +123,7 @@ class EvalSpec:
             self.model, self.checkpoint = [model], self.checkpoint or [checkpoint]
         if not self.model:
             self.model = [_model_from_sidecar(c) for c in self.checkpoint] or ["digits-cnn"]
+        self.model = [MODELS.canonical(m) if not is_external(m) and m in MODELS else m for m in self.model]  # aliases
         self._robustbench_defaults()
         self._surrogate_defaults()
         if not self.attack or not self.eps:

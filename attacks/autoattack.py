@@ -18,6 +18,8 @@ not support the norm (Square under L1) are left out and listed in ``config()['sk
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import torch
@@ -26,6 +28,8 @@ from robustkit.attack import Attack, AttackResult, Forward
 from robustkit.errors import UsageError
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
+
+log = logging.getLogger(__name__)  # AutoAttack's per-stage report, as the run goes (the CLI shows it)
 
 # stage -> options, per version (the reference's settings, Linf and L2)
 _STANDARD = {"apgd-ce": {}, "apgd-t": {"n_target_classes": 9}, "fab-t": {"n_target_classes": 9},
@@ -155,6 +159,7 @@ class AutoAttack(VersionOrList, Attack):
         broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         queries = torch.zeros(len(x), dtype=torch.long, device=x.device)
         stages: dict[str, torch.Tensor] = {}
+        started = time.perf_counter()
         for name, attack in self.stages:
             rows = (~broken).nonzero().flatten()
             if len(rows):
@@ -169,4 +174,8 @@ class AutoAttack(VersionOrList, Attack):
                 if out.queries is not None:
                     queries[rows] += out.queries
             stages[name] = broken.clone()
+            if log.isEnabledFor(logging.INFO):  # one host sync per stage, only when someone listens
+                robust = int((~broken).sum())
+                log.info("robust after %s: %d of %d attacked points (%.1f%%), %.1f s", name, robust, len(x),
+                         100 * robust / max(len(x), 1), time.perf_counter() - started)
         return AttackResult(x_adv=x_adv, success=broken, queries=queries, stages=stages)

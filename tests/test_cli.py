@@ -282,7 +282,8 @@ def test_resume_without_a_checkpoint_says_so(capsys: pytest.CaptureFixture, tmp_
 @pytest.mark.parametrize("args,dataset,eps", [
     (["--model", "wrn28"], "cifar10", "8/255"), (["--model", "resnet20", "--norm", "l2"], "cifar10", "0.5"),
     (["--model", "mnist-cnn-a"], "mnist", "0.3"), ([], "digits", "0.1"),
-    (["--model", "resnet20", "--dataset", "npz:x.npz"], "npz:x.npz", "0.1"),
+    (["--model", "resnet20", "--dataset", "npz:x.npz"], "npz:x.npz", "8/255"),
+    (["--model", "digits-cnn", "--dataset", "npz:x.npz"], "npz:x.npz", "0.1"),
 ])
 def test_data_and_radius_follow_the_model(capsys: pytest.CaptureFixture, args: list[str], dataset: str,
                                           eps: str) -> None:

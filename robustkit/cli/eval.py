@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+from collections.abc import Iterator
 
 import click
 from rich.table import Table
@@ -99,7 +102,7 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
         click.echo(spec.to_yaml(), nl=False)
         return
     cells = len(spec.model) * len(spec.eps)
-    with ProgressBars(enabled=not (quiet or as_json), cells=cells) as bars:
+    with ProgressBars(enabled=not (quiet or as_json), cells=cells) as bars, stage_log(not (quiet or as_json)):
         reports = run_grid(spec, db=db, overwrite=overwrite, progress=bars)
     if not reports:  # a rank other than 0 under torchrun
         return
@@ -111,6 +114,30 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
             err.print(Text(f"{r.model} {r.attack} eps={_eps_str(r.eps)}: already in the leaderboard (shown "
                            "below); pass --overwrite to recompute.", style="yellow"), soft_wrap=True)
         _print_cell(report)
+
+
+class _StageLines(logging.Handler):
+    """AutoAttack's per-stage lines on stderr (above the bars), as the reference prints them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(Text(f"autoattack: {record.getMessage()}", style="cyan"), soft_wrap=True)
+
+
+@contextlib.contextmanager
+def stage_log(enabled: bool) -> Iterator[None]:
+    """Show the cascade's per-stage robust accuracy while ``robustkit eval`` runs."""
+    logger = logging.getLogger("robustkit.attacks.autoattack")
+    if not enabled:
+        yield
+        return
+    handler, level = _StageLines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _print_cell(report) -> None:  # noqa: ANN001

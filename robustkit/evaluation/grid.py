@@ -153,7 +153,7 @@ class EvalSpec:
         if not self.dataset:
             self.dataset = refs[0].dataset if refs else default_dataset(self.model[0])
         if not self.eps:
-            name = refs[0].dataset if refs else self.dataset.lower()
+            name = refs[0].dataset if refs else self.radius_dataset()
             zoo_eps = rb.benchmark_eps(name, self.norm)
             self.eps = [zoo_eps if zoo_eps is not None else STANDARD_EPS.get((name, self.norm), 0.1)]
 
@@ -174,6 +174,12 @@ class EvalSpec:
         if any(a.strip().lower() == TRANSFER for a in self.attack) and not self.surrogate:
             raise UsageError("--attack transfer crafts on public (surrogate) models; name them with "
                              "--surrogate NAME[,NAME...].")
+
+    def radius_dataset(self) -> str:
+        """The data set whose standard radius applies: the one named, or for images from a file
+        (``npz:``) the one the first model is built for."""
+        name = self.dataset.lower()
+        return default_dataset(self.model[0]) if name.startswith("npz:") else name
 
     def surrogate_checkpoint_of(self, i: int) -> str | None:
         return self.surrogate_checkpoint[i] if self.surrogate_checkpoint else None
@@ -338,10 +344,10 @@ class Grid:
             if not sha and not spec.prompt:
                 warnings.insert(0, f"{name} has no weights file (no --checkpoint and none packaged): these are the "
                                    f"numbers of a randomly initialized network.")
-            usual = rb.benchmark_eps(self.dataset.name, threat.norm)
+            usual = rb.benchmark_eps(spec.radius_dataset(), threat.norm)
             if usual is not None and not usual / 4 <= threat.eps <= 2 * usual:
-                warnings.append(f"eps {eps_str(threat.eps)} is unusual on {self.dataset.name}: its standard "
-                                f"{threat.norm} radius is {eps_str(usual)}.")
+                warnings.append(f"eps {eps_str(threat.eps)} is unusual for {spec.radius_dataset()} images: the "
+                                f"standard {threat.norm} radius is {eps_str(usual)}.")
             records = write_records(result, Path(spec.records_dir or self.home / "records") / run_id)
             extra = {"run_id": run_id, "records": str(records), "warnings": warnings,
                      "wall_seconds": time.perf_counter() - t0,

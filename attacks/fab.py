@@ -25,6 +25,10 @@ A sample is broken when an adversarial iterate lies within the threat's ``eps``.
 it runs all steps as the reference and ``x_adv`` is the smallest adversarial point found.
 ``success`` is the same either way (the best norm only decreases). Samples never broken within
 ``eps`` return ``x0``.
+
+Minimum-norm mode (:mod:`attacks.min_norm`): with ``eps=inf`` untargeted FAB runs all steps and
+returns the smallest adversarial point found (adv-lib's ``fab``), ``distance`` its norm; restarts
+then start at half the reference's default radius (Linf 0.3, L2 1, L1 5).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from robustkit.errors import UsageError
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
 
+from .min_norm import MinimumNorm
 from .targets import Siblings, TargetClasses, pack, stop_siblings, target_groups
 
 Projection = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -144,6 +149,7 @@ def project_l1(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.
 
 
 PROJECTIONS: dict[str, Projection] = {"linf": project_linf, "l2": project_l2, "l1": project_l1}
+RESTART_RADIUS = {"linf": 0.3, "l2": 1.0, "l1": 5.0}  # without eps: the reference's default eps
 
 
 def _dual_norm(g: torch.Tensor, norm: str) -> torch.Tensor:
@@ -160,7 +166,7 @@ def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @ATTACKS.register("fab")
-class FAB(Attack):
+class FAB(MinimumNorm, Attack):
     """Untargeted FAB (AutoAttack's ``FABAttack_PT``); see the module docstring."""
 
     name = "fab"
@@ -254,7 +260,8 @@ class FAB(Attack):
         else:
             t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         t = t / _view(self.threat.norm_of(t).clamp_min(1e-12), t)
-        return self.threat.clip(x + 0.5 * self.threat.eps * t, x)
+        radius = self.threat.eps if self.threat.bounded else RESTART_RADIUS[self.threat.norm]
+        return self.threat.clip(x + 0.5 * radius * t, x)
 
     def linearize(
         self, forward: Forward, x1: torch.Tensor, y: torch.Tensor, toward: torch.Tensor | None
@@ -336,7 +343,7 @@ class FAB(Attack):
                 alive[rows] &= ~broken
                 if siblings is not None:
                     stop_siblings(alive, siblings, torch.zeros_like(alive).index_put_((rows,), broken))
-        found = best <= eps
+        found = best.isfinite() & (best <= eps)
         return x_best.view_as(x0), found
 
 

@@ -37,6 +37,7 @@ class AttackResult:
     queries: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     stages: dict[str, torch.Tensor] | None = None  # a cascade's cumulative success after each stage
+    distance: torch.Tensor | None = None  # minimum-norm attacks: norm of x_adv - x where success, else inf
 
     @property
     def robust_accuracy(self) -> float:

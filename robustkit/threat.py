@@ -1,6 +1,11 @@
 """Threat models: the set of allowed perturbations (an Lp ball intersected with the [0, 1] box).
 
 Attacks never re-implement projection, clamping or random starts; they call these methods.
+
+``eps=math.inf`` is the box alone: the minimum-norm attacks (``fmn``, ``ddn``, ``alma``, ``cw``,
+``deepfool``, ``fab``) then return the smallest adversarial point they find; the others need a
+finite eps. ``l0`` counts the changed coordinates, each channel of each pixel separately (as
+FMN's authors and adv-lib, ``(x_adv - x).flatten(1).norm(p=0)``); its eps is that count.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import torch
 
 from robustkit.errors import UsageError
 
-NORMS = ("linf", "l2", "l1")
+NORMS = ("linf", "l2", "l1", "l0")
 
 
 def _flat_norm(v: torch.Tensor, norm: str) -> torch.Tensor:
@@ -21,6 +26,8 @@ def _flat_norm(v: torch.Tensor, norm: str) -> torch.Tensor:
         return flat.abs().amax(1)
     if norm == "l2":
         return flat.norm(p=2, dim=1)
+    if norm == "l0":
+        return (flat != 0).sum(1).to(flat.dtype if flat.is_floating_point() else torch.float32)
     return flat.abs().sum(1)
 
 
@@ -44,6 +51,15 @@ def _project_l1(delta: torch.Tensor, eps: float) -> torch.Tensor:
     return out.view_as(delta)
 
 
+def _project_l0(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest-magnitude coordinates of each sample (the nearest point, any Lp)."""
+    flat = delta.flatten(1)
+    if k >= flat.shape[1]:
+        return delta
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.abs().topk(k, dim=1).indices, True)
+    return torch.where(keep, flat, torch.zeros_like(flat)).view_as(delta)
+
+
 @dataclass(frozen=True)
 class ThreatModel:
     """An Lp ball of radius ``eps`` around each input, within the [0, 1] image box."""
@@ -57,9 +73,11 @@ class ThreatModel:
             raise UsageError(f"Unknown norm {self.norm!r}; accepted: {', '.join(NORMS)}.")
         object.__setattr__(self, "norm", norm)
         eps = float(self.eps)
-        if not math.isfinite(eps) or eps <= 0:
-            raise UsageError(f"eps must be a positive number, got {eps:g}.")
-        if norm == "linf" and eps > 1:
+        if math.isnan(eps) or eps <= 0:
+            raise UsageError(f"eps must be a positive number (inf: no bound, minimum-norm attacks), got {eps:g}.")
+        if norm == "l0" and math.isfinite(eps) and eps != int(eps):
+            raise UsageError(f"L0 eps counts changed coordinates, so it must be a whole number, got {eps:g}.")
+        if norm == "linf" and math.isfinite(eps) and eps > 1:
             raise UsageError(
                 f"Linf eps must be at most 1 (images are in [0, 1]), got {eps:g}; did you mean {eps:g}/255?"
             )
@@ -69,8 +87,17 @@ class ThreatModel:
         """Per-sample norm of a perturbation batch."""
         return _flat_norm(delta, self.norm)
 
+    @property
+    def bounded(self) -> bool:
+        """False for ``eps=inf`` (the box alone: minimum-norm attacks)."""
+        return math.isfinite(self.eps)
+
     def project(self, delta: torch.Tensor) -> torch.Tensor:
         """Project each perturbation onto the eps-ball."""
+        if not self.bounded:
+            return delta
+        if self.norm == "l0":
+            return _project_l0(delta, int(self.eps))
         if self.norm == "linf":
             return delta.clamp(-self.eps, self.eps)
         if self.norm == "l2":
@@ -85,7 +112,16 @@ class ThreatModel:
 
     def random_init(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A random start inside the threat set: uniform in the Linf ball, or a random
-        direction with radius uniform in [0, eps] for L2/L1 (as torchattacks' PGDL2)."""
+        direction with radius uniform in [0, eps] for L2/L1 (as torchattacks' PGDL2); for L0,
+        eps random coordinates set to uniform values."""
+        if not self.bounded:
+            raise UsageError("A random start needs a finite eps; this threat model has none (eps=inf).")
+        if self.norm == "l0":
+            flat = x.flatten(1)
+            order = torch.rand(flat.shape, generator=generator, device=x.device).argsort(1)
+            chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order[:, : int(self.eps)], True)
+            u = torch.rand(flat.shape, generator=generator, device=x.device, dtype=x.dtype)
+            return torch.where(chosen, u, flat).view_as(x)
         if self.norm == "linf":
             u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             delta = (2 * u - 1) * self.eps

@@ -11,13 +11,14 @@ from robustkit import ThreatModel
 from robustkit.errors import DataError, UsageError
 from robustkit.registry import ATTACKS
 
-EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 8.0}
+EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 8.0, "l0": 10.0}
 # Small budgets keep the contract check fast; the contract does not depend on the budget.
 FAST = {"square": {"n_queries": 100}, "fab": {"steps": 20}, "fab-t": {"steps": 20, "n_target_classes": 2},
         "autoattack": {"attacks": "apgd-ce,fab-t,square",
                        "stage_options": {"apgd-ce": {"steps": 10}, "fab-t": {"steps": 10, "n_target_classes": 2},
                                          "square": {"n_queries": 50}}},
-        "pyautoattack": {"attacks": "apgd-ce"}}
+        "pyautoattack": {"attacks": "apgd-ce"},
+        "ddn": {"steps": 10}, "alma": {"steps": 20}, "cw": {"binary_search_steps": 2, "steps": 10}}
 
 
 def small_model() -> nn.Module:

@@ -1,0 +1,133 @@
+"""C&W L2 (Carlini & Wagner, IEEE S&P 2017, arXiv 1608.04644), untargeted and targeted, with the
+binary search over the trade-off constant ``c``.
+
+The point is ``(tanh(w) + 1) / 2`` (always in the box); Adam minimizes ``||x_adv - x||_2^2 + c ·
+max(z_y - max_{k != y} z_k + confidence, 0)`` over ``w`` (targeted: ``max_{k != t} z_k - z_t``),
+``steps`` iterations per value of ``c``. After each run ``c`` is bisected per point: lowered
+(upper bound) where the run found an adversarial point, raised where it did not (times 10 until an
+upper bound exists); with 10 or more search steps the last one reruns the upper bound. Early
+abort, per point: every ``steps // 10`` iterations a point whose loss no longer fell by 0.01%
+ends its run (the authors abort the whole batch on the summed loss, adv-lib when every point
+stalled; per point keeps each point's result independent of the batch it runs in).
+
+As adv-lib 0.2.8 (``adv_lib.attacks.carlini_wagner_l2``) and the authors' code:
+``binary_search_steps`` 9, ``steps`` 10000, ``learning_rate`` 0.01, ``initial_const`` 1e-3,
+``confidence`` 0, Adam betas (0.9, 0.999). Without eps (``eps=inf``) it returns the smallest
+adversarial point over all runs; with eps see :mod:`attacks.min_norm`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from robustkit.attack import Attack, AttackResult, Forward
+from robustkit.errors import UsageError
+from robustkit.registry import ATTACKS
+from robustkit.threat import ThreatModel
+
+from .min_norm import INF, MinimumNorm, check_positive, margin
+
+
+@ATTACKS.register("cw", aliases=("cw-l2",))
+class CarliniWagnerL2(MinimumNorm, Attack):
+    """C&W L2 with binary search over ``c``; see the module docstring."""
+
+    name = "cw"
+    supported_norms = ("l2",)
+
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        binary_search_steps: int = 9,
+        steps: int = 10000,
+        learning_rate: float = 0.01,
+        initial_const: float = 1e-3,
+        confidence: float = 0.0,
+        abort_early: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(threat, **kwargs)
+        if steps < 1 or binary_search_steps < 1:
+            raise UsageError(f"{self.name} needs steps >= 1 and binary_search_steps >= 1, got steps={steps}, "
+                             f"binary_search_steps={binary_search_steps}.")
+        check_positive(self.name, learning_rate=learning_rate, initial_const=initial_const)
+        if confidence < 0:
+            raise UsageError(f"{self.name} needs confidence >= 0, got {confidence}.")
+        self.binary_search_steps = binary_search_steps
+        self.steps = steps
+        self.learning_rate = learning_rate
+        self.initial_const = initial_const
+        self.confidence = confidence
+        self.abort_early = abort_early
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "binary_search_steps": self.binary_search_steps, "steps": self.steps,
+                "learning_rate": self.learning_rate, "initial_const": self.initial_const,
+                "confidence": self.confidence, "abort_early": self.abort_early}
+
+    def perturb(self, forward: Forward, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
+                generator: torch.Generator) -> AttackResult:
+        n = len(x)
+        targeted = target is not None
+        labels = target if targeted else y
+        xf = x.flatten(1)
+        tx = ((2 * xf - 1) * (1 - 1e-6)).atanh()
+        const = torch.full((n,), self.initial_const, device=x.device, dtype=x.dtype)
+        lower = torch.zeros_like(const)
+        upper = torch.full_like(const, 1e10)
+        best_norm = torch.full_like(const, INF)
+        best_adv = xf.clone()
+        check_every = max(1, self.steps // 10)
+        beta1, beta2 = 0.9, 0.999
+        everyone = torch.arange(n, device=x.device)
+        for outer in range(self.binary_search_steps):
+            if self.binary_search_steps >= 10 and outer == self.binary_search_steps - 1:
+                const = upper.clone()
+            w = torch.zeros_like(xf)
+            m1, m2 = torch.zeros_like(xf), torch.zeros_like(xf)
+            run_found = torch.zeros(n, dtype=torch.bool, device=x.device)
+            prev = torch.full_like(const, INF)
+            rows = everyone[~self.within(best_norm)] if self.stops() else everyone
+            for i in range(self.steps):
+                if not len(rows):
+                    break
+                wr = w[rows].requires_grad_(True)
+                x0 = xf[rows]
+                with torch.enable_grad():
+                    adv_x = (torch.tanh(tx[rows] + wr) + 1) / 2
+                    sq = (adv_x - x0).square().sum(1)
+                    logits = forward(adv_x.view(-1, *x.shape[1:]))
+                    m = margin(logits, labels[rows])
+                    gap = -m if targeted else m  # > 0: not yet adversarial
+                    loss = sq + const[rows] * (gap + self.confidence).clamp_min(0)
+                    (grad,) = torch.autograd.grad(loss.sum(), wr)
+                size = sq.detach().sqrt()
+                aim = None if target is None else target[rows]
+                adv = (gap.detach() + self.confidence < 0) & self.is_success(logits.detach(), y[rows], aim)
+                run_found[rows] |= adv
+                better = adv & (size < best_norm[rows])
+                best_norm[rows] = torch.where(better, size, best_norm[rows])
+                best_adv[rows[better]] = adv_x.detach()[better]
+                keep = torch.ones(len(rows), dtype=torch.bool, device=x.device)
+                if self.abort_early and i % check_every == 0:
+                    keep = ~(loss.detach() > prev[rows] * 0.9999)
+                    prev[rows] = loss.detach()
+                if self.stops():
+                    keep &= ~self.within(best_norm[rows])
+                bias1, bias2 = 1 - beta1 ** (i + 1), 1 - beta2 ** (i + 1)
+                g1 = beta1 * m1[rows] + (1 - beta1) * grad
+                g2 = beta2 * m2[rows] + (1 - beta2) * grad**2
+                m1[rows], m2[rows] = g1, g2
+                step = (self.learning_rate / bias1) * g1 / (g2.sqrt() / math.sqrt(bias2) + 1e-8)
+                w[rows] = wr.detach() - step
+                rows = rows[keep]
+            # bisect c per point
+            upper = torch.where(run_found, torch.minimum(upper, const), upper)
+            lower = torch.where(run_found, lower, torch.maximum(lower, const))
+            bounded = upper < 1e9
+            const = torch.where(bounded, (lower + upper) / 2, torch.where(run_found, const, const * 10))
+        return self.result(x, best_adv.view_as(x), best_norm)

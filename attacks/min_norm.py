@@ -1,0 +1,124 @@
+"""What the minimum-norm attacks (FMN, DDN, ALMA, C&W, DeepFool, FAB) share.
+
+A minimum-norm attack looks for the adversarial point closest to ``x``. Its threat model says
+when it may stop:
+
+* ``eps=math.inf`` (``ThreatModel("l2", math.inf)``, the box alone): it runs its whole budget and
+  returns the smallest adversarial point it found (``x`` where it found none); ``early_stop`` has
+  nothing to stop on and is off;
+* a finite ``eps``: a point stops once it has an adversarial point within ``eps`` (with
+  ``early_stop``, the default), and ``success`` means such a point was found; points without one
+  return ``x``. ``success`` does not depend on ``early_stop``: the best norm only decreases.
+
+:class:`MinimumNorm` adds ``distance`` to the result, the norm of ``x_adv - x`` where ``success``
+and ``inf`` elsewhere (0 for points misclassified from the start), and the ``targeted`` option:
+``targeted=True`` insists on a ``target`` (one class per point). Without ``targeted``, a
+``target`` passed anyway is aimed at too, as for every robustkit attack.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from robustkit.attack import AttackResult
+from robustkit.errors import UsageError
+from robustkit.threat import ThreatModel
+
+INF = float("inf")
+
+
+class MinimumNorm:
+    """Mixin (before :class:`robustkit.attack.Attack` in the bases) for minimum-norm attacks."""
+
+    name: str
+    threat: ThreatModel
+    early_stop: bool
+    supports_targeted: ClassVar[bool]
+    minimum_norm: ClassVar[bool] = True  # runs without eps (eps=inf)
+
+    def __init__(self, threat: ThreatModel, *, targeted: bool = False, **kwargs: Any):
+        super().__init__(threat, **kwargs)  # type: ignore[call-arg]
+        if targeted and not self.supports_targeted:
+            raise UsageError(f"{self.name} is untargeted; it has no targeted version (targeted=True).")
+        self.targeted = targeted
+        if not threat.bounded:
+            self.early_stop = False  # every adversarial point is "within eps": nothing to stop on
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()  # type: ignore[misc]
+        return {**cfg, "targeted": True} if self.targeted else cfg
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, target: torch.Tensor | None = None
+    ) -> AttackResult:
+        if self.targeted and target is None:
+            raise UsageError(f"{self.name} was set up as a targeted attack (targeted=True) but got no target; "
+                             "pass target= with one class per point.")
+        result: AttackResult = super().__call__(model, x, y, target=target)  # type: ignore[misc]
+        dist = self.threat.norm_of(result.x_adv - x.to(result.x_adv.device)).float()
+        result.distance = torch.where(result.success, dist, torch.full_like(dist, INF))
+        return result
+
+    # -- helpers for the loops ---------------------------------------------------------------
+    def within(self, norms: torch.Tensor) -> torch.Tensor:
+        """Which best norms count as success (all finite ones without eps)."""
+        return norms <= self.threat.eps if self.threat.bounded else norms < INF
+
+    def stops(self) -> bool:
+        """Whether points leave the batch once they have an adversarial point within eps."""
+        return self.early_stop and self.threat.bounded
+
+    def result(self, x: torch.Tensor, best_adv: torch.Tensor, best_norm: torch.Tensor) -> AttackResult:
+        """``best_adv`` where its norm counts as success (``best_norm`` is inf where none), else ``x``."""
+        ok = self.within(best_norm)
+        return AttackResult(x_adv=torch.where(view(ok, x), best_adv, x), success=ok)
+
+
+def view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample vector shaped to broadcast against a batch like ``like``."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``z_label - max_{k != label} z_k`` per row (negative: another class wins)."""
+    own = logits.gather(1, labels[:, None])[:, 0]
+    others = logits.scatter(1, labels[:, None], -INF).amax(1)
+    return own - others
+
+
+def lp(v: torch.Tensor, p: float) -> torch.Tensor:
+    """Per-sample Lp norm of a batch (``p`` in 0, 1, 2, inf; 0 counts nonzero coordinates), by
+    torch's ``norm`` as adv-lib: the same rounding keeps a run on adv-lib's trajectory."""
+    return v.flatten(1).norm(p=p, dim=1)
+
+
+P = {"l0": 0.0, "l1": 1.0, "l2": 2.0, "linf": INF}
+DUAL = {"l1": INF, "l2": 2.0, "linf": 1.0}
+
+
+def project_l1_ball(flat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row onto the L1 ball of its own radius ``eps[i]`` (Duchi et
+    al., 2008); rows already inside are left alone."""
+    abs_v = flat.abs()
+    outside = flat.norm(p=1, dim=1) > eps
+    if not outside.any():
+        return flat
+    mu = abs_v.sort(dim=1, descending=True).values
+    cumsum = mu.cumsum(1)
+    ar = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=flat.dtype)
+    cond = mu - (cumsum - eps[:, None]) / ar > 0
+    rho = cond.float().cumsum(1).argmax(1, keepdim=True)  # last index where cond holds
+    theta = (cumsum.gather(1, rho) - eps[:, None]) / (rho + 1).to(flat.dtype)
+    projected = flat.sign() * (abs_v - theta).clamp_min(0)
+    return torch.where(outside[:, None], projected, flat)
+
+
+def check_positive(name: str, **values: float) -> None:
+    """One sentence naming the options of ``values`` that are not positive."""
+    bad = [f"{k}={v}" for k, v in values.items() if v is not None and not (v > 0 and math.isfinite(v))]
+    if bad:
+        raise UsageError(f"{name} needs positive {', '.join(values)}, got {', '.join(bad)}.")

@@ -133,6 +133,17 @@ def test_cli_autoattack_reports_stages_and_records_warnings(capsys: pytest.Captu
     assert json.loads(json.dumps(aa.attack_config))["stages"]["square"]["n_queries"] == 40
 
 
+def test_cli_prints_each_stage_as_it_runs(capsys: pytest.CaptureFixture, tmp_path) -> None:  # noqa: ANN001
+    args = ["eval", "--attack", "autoattack:apgd-ce,square", "--attack-kwargs", "apgd-ce.steps=5,square.n_queries=20",
+            "--n-examples", "20", "--db", str(tmp_path / "lb.db")]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = " ".join(capsys.readouterr().err.split())
+    assert exc.value.code == 0, err
+    assert "autoattack: robust after apgd-ce:" in err and "autoattack: robust after square:" in err
+    assert err.index("after apgd-ce") < err.index("after square")
+
+
 def test_torchattacks_backend_equals_native_pgd(digits: tuple) -> None:
     pytest.importorskip("torchattacks")
     model, x, y = digits

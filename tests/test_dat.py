@@ -38,6 +38,7 @@ from robustkit.training.compression import dequantize, levels, quantize, registe
 from robustkit.training.dat import (
     DATConfig,
     WorkerLostError,
+    _sigterm_raises,
     epoch_indices,
     example_starts,
     load_unlabeled,
@@ -377,6 +378,22 @@ def test_cli_dat_options_config_and_errors(tmp_path: Path, capsys: pytest.Captur
 
 
 # -- failure: a killed worker, then --resume ---------------------------------------------------------------
+
+
+def test_a_failing_worker_ignores_sigterm_until_it_has_said_why() -> None:
+    """torchrun sends SIGTERM to every worker once one fails; a worker already leaving with its own
+    error must not die of it before the CLI prints that error."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with _sigterm_raises(True):
+            assert signal.getsignal(signal.SIGTERM) not in (before, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGTERM) == before  # a run that ends well restores it
+        with pytest.raises(WorkerLostError), _sigterm_raises(True):
+            raise WorkerLostError("lost")
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
 
 
 def _torchrun(out: Path, db: Path, *extra: str) -> subprocess.Popen:

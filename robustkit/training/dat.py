@@ -304,7 +304,10 @@ def _short_reason(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def _sigterm_raises(enabled: bool) -> Iterator[None]:
-    """Turn SIGTERM into :class:`_Terminated` (so the worker says why it stops) while training."""
+    """Turn SIGTERM into :class:`_Terminated` (so the worker says why it stops) while training. A
+    worker that leaves with an error then ignores SIGTERM: torchrun sends it to every worker once one
+    fails, and it must not end this one before it has said why (torchrun kills it after its grace
+    period if it does not exit)."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -313,10 +316,12 @@ def _sigterm_raises(enabled: bool) -> Iterator[None]:
         raise _Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)
+    failed = True
     try:
         yield
+        failed = False
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if failed else previous)
 
 
 # -- the loop --------------------------------------------------------------------------------------------

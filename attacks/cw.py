@@ -5,10 +5,16 @@ The point is ``(tanh(w) + 1) / 2`` (always in the box); Adam minimizes ``||x_adv
 max(z_y - max_{k != y} z_k + confidence, 0)`` over ``w`` (targeted: ``max_{k != t} z_k - z_t``),
 ``steps`` iterations per value of ``c``. After each run ``c`` is bisected per point: lowered
 (upper bound) where the run found an adversarial point, raised where it did not (times 10 until an
-upper bound exists); with 10 or more search steps the last one reruns the upper bound. Early
-abort, per point: every ``steps // 10`` iterations a point whose loss no longer fell by 0.01%
-ends its run (the authors abort the whole batch on the summed loss, adv-lib when every point
-stalled; per point keeps each point's result independent of the batch it runs in).
+upper bound exists); with 10 or more search steps the last one reruns the upper bound.
+
+Early abort: every ``steps // 10`` iterations a point whose loss no longer fell by 0.01% has
+stalled. ``abort_early="batch"`` (``True``, the default, as adv-lib) ends the run for ``c`` once
+every point still searching has stalled (points already within a finite eps do not vote, so
+``early_stop`` changes no result); ``"point"`` ends each stalled point's run on its own: its
+result no longer depends on the batch it runs in, and it is faster (4x on resnet20 at 5 x 100
+steps), but a point stopped at a noisy check misses later progress (median distance 4% above
+adv-lib's there, 0.5% at 5 x 200); ``"off"`` (``False``) runs every step. (The authors abort
+the batch on its summed loss.)
 
 As adv-lib 0.2.8 (``adv_lib.attacks.carlini_wagner_l2``) and the authors' code:
 ``binary_search_steps`` 9, ``steps`` 10000, ``learning_rate`` 0.01, ``initial_const`` 1e-3,
@@ -47,7 +53,7 @@ class CarliniWagnerL2(MinimumNorm, Attack):
         learning_rate: float = 0.01,
         initial_const: float = 1e-3,
         confidence: float = 0.0,
-        abort_early: bool = True,
+        abort_early: bool | str = True,
         **kwargs: Any,
     ):
         super().__init__(threat, **kwargs)
@@ -62,7 +68,11 @@ class CarliniWagnerL2(MinimumNorm, Attack):
         self.learning_rate = learning_rate
         self.initial_const = initial_const
         self.confidence = confidence
-        self.abort_early = abort_early
+        modes = {True: "batch", False: "off", "batch": "batch", "point": "point", "off": "off"}
+        if not isinstance(abort_early, bool | str) or abort_early not in modes:
+            raise UsageError(f"{self.name}: abort_early must be batch (or true), point or off (or false), "
+                             f"got {abort_early!r}.")
+        self.abort_early = modes[abort_early]
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "binary_search_steps": self.binary_search_steps, "steps": self.steps,
@@ -113,8 +123,14 @@ class CarliniWagnerL2(MinimumNorm, Attack):
                 best_norm[rows] = torch.where(better, size, best_norm[rows])
                 best_adv[rows[better]] = adv_x.detach()[better]
                 keep = torch.ones(len(rows), dtype=torch.bool, device=x.device)
-                if self.abort_early and i % check_every == 0:
-                    keep = ~(loss.detach() > prev[rows] * 0.9999)
+                if self.abort_early != "off" and i % check_every == 0:
+                    stalled = loss.detach() > prev[rows] * 0.9999
+                    if self.abort_early == "point":
+                        keep = ~stalled
+                    else:
+                        searching = ~self.within(best_norm[rows]) if self.threat.bounded else keep
+                        if stalled[searching].all():
+                            break
                     prev[rows] = loss.detach()
                 if self.stops():
                     keep &= ~self.within(best_norm[rows])

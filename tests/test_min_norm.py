@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from robustkit import ThreatModel
-from robustkit.attacks import APGD, DDN, FAB, FMN, PGD, DeepFool
+from robustkit.attacks import APGD, DDN, FAB, FMN, PGD, CarliniWagnerL2, DeepFool
 from robustkit.errors import UsageError
 from robustkit.models import load_model
 from robustkit.registry import ATTACKS
@@ -335,6 +335,26 @@ def test_fmn_linf_is_consistent_with_apgd_on_more_images() -> None:
     for _, fmn_acc, apgd_acc, _, _ in fmn_against_apgd(n, steps=1000):
         noise = 2 * math.sqrt(max(apgd_acc * (1 - apgd_acc), 0.05) / n) + 1 / n
         assert fmn_acc <= apgd_acc + noise
+
+
+def test_cw_abort_per_point_does_not_depend_on_the_batch() -> None:
+    """``abort_early="point"``: a point's run is the same alone or in a batch (float64, so that
+    the batch cannot flip a decision by rounding); the default follows adv-lib (the batch stops
+    when every point stalled), which test_matches_adv_lib checks."""
+    model = real_model("resnet4b").double()
+    try:
+        x, y = clean_points("resnet4b", 5)
+        x = x.double()
+        attack = CarliniWagnerL2(ThreatModel("l2", INF), binary_search_steps=3, steps=20, initial_const=0.1,
+                                 abort_early="point")
+        batch = attack(model, x, y)
+        alone = torch.cat([attack(model, x[i : i + 1], y[i : i + 1]).distance for i in range(len(x))])
+    finally:
+        model.float()
+    assert batch.success.any()
+    torch.testing.assert_close(batch.distance, alone)
+    with pytest.raises(UsageError, match="abort_early must be batch"):
+        CarliniWagnerL2(ThreatModel("l2", INF), abort_early="sometimes")
 
 
 def test_fab_without_eps_is_adv_libs_fab() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -303,6 +304,9 @@ class Attack:
         autocast: str | None = None,
         channels_last: bool = False,
     ):
+        if not math.isfinite(threat.eps) and not getattr(self, "minimum_norm", False):  # MinimumNorm's flag
+            raise UsageError(f"{self.name} needs a finite eps; only the minimum-norm attacks (fmn, ddn, alma, cw, "
+                             f"deepfool, fab) run without one.")
         if threat.norm not in self.supported_norms:
             raise UsageError(f"{self.name} supports the norms {', '.join(self.supported_norms)}, not {threat.norm}.")
         if autocast not in (None, "bf16", "fp16"):

@@ -366,3 +366,9 @@ def test_fab_without_eps_is_adv_libs_fab() -> None:
     assert success.all() and torch.equal(ours.success, success)
     # the same points up to the projections' rounding (robustkit solves FAB's Linf projection by Newton steps)
     torch.testing.assert_close(ours.distance, dist, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["pgd", "apgd-ce", "square", "autoattack", "fgsm"])
+def test_eps_bounded_attacks_refuse_an_infinite_eps(name: str) -> None:
+    with pytest.raises(UsageError, match="needs a finite eps"):
+        ATTACKS.get(name)(ThreatModel("linf", math.inf))

@@ -113,6 +113,10 @@ def _worker(rank: int, port: int, folder: str) -> None:
         train_dat(small(out=f"{folder}/killed", dist_timeout=30, **KILL_RUN))
     except WorkerLostError as e:
         Path(f"{folder}/killed.txt").write_text(f"{time.monotonic()}\n{e}")
+    # Rank 1 was SIGKILLed: this process group (the test's, not robustkit's) still has gloo threads
+    # waiting on the dead peer, and tearing the interpreter down around them can abort (SIGABRT) after
+    # everything above is written. Leave without that teardown; the files are what the tests check.
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")

@@ -38,9 +38,11 @@ from robustkit.cli.console import ProgressBars, err, out
 @click.option("--attack-kwargs", help="Attack options key=value,...; attack.key=value for one attack (pgd.steps=50).")
 @click.option("--defense", help="An inference defense wrapping the model, e.g. aaa (see `robustkit list defenses`).")
 @click.option("--defense-kwargs", help="Options of the defense, key=value,...")
-@click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), help="[default: linf; l2 for --threat-model L2]")
+@click.option("--norm", type=click.Choice(["linf", "l2", "l1", "l0"]),
+              help="[default: linf; l2 for --threat-model L2] (l0: fmn only)")
 @click.option("--eps", help="Radius or radii, comma-separated, e.g. 2/255,8/255. [default: 0.1; RobustBench's "
-              "for robustbench: models, e.g. 8/255 on cifar10 Linf]")
+              "for robustbench: models, e.g. 8/255 on cifar10 Linf; none with only minimum-norm attacks (fmn, ddn, "
+              "alma, cw, deepfool, fab), which store a robustness curve and add rows at the radii given]")
 @click.option("--seed", type=int, help="[default: 0]")
 @click.option("--batch-size", type=int, help="[default: 256]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]")
@@ -69,7 +71,10 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
     """Evaluate clean and robust accuracy over a grid of models × eps × attacks.
 
     Each attack writes a leaderboard row per cell (model, eps), plus a worst-case row when there
-    are several attacks; a killed run continues where it stopped when run again.
+    are several attacks; a killed run continues where it stopped when run again. Minimum-norm
+    attacks (fmn, ddn, alma, cw, deepfool, fab) run once per model without eps and store a
+    robustness curve (per-sample distances, robust accuracy on an eps grid, median distance),
+    plus their per-sample ensemble (fmn+ddn); at each --eps their rows come from the distances.
 
     \b
     Examples:
@@ -79,6 +84,8 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
       robustkit eval --model wrn28 --checkpoint w.safetensors --dataset cifar10 --data-dir ~/data \\
           --attack pgd --attack-kwargs steps=50,restarts=2 --eps 8/255
       robustkit eval --model resnet4b --checkpoint resnet4b.pth --dataset cifar10 --attack autoattack --eps 8/255
+      robustkit eval --model resnet20 --checkpoint resnet20-12fca82f.th --attack fmn,ddn --norm l2   # curves
+      robustkit eval ... --attack fmn,apgd-ce --norm linf --eps 4/255,8/255   # curve, rows, worst case
       robustkit eval --model robustbench:Carmon2019Unlabeled --dataset cifar10 --threat-model Linf \\
           --model-dir ~/models --attack autoattack                  # RobustBench's zoo, weights and eps
       robustkit eval ... --attack autoattack:apgd-ce,square --attack-kwargs square.n_queries=1000
@@ -101,7 +108,10 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
     if dump_config:
         click.echo(spec.to_yaml(), nl=False)
         return
-    cells = len(spec.model) * len(spec.eps)
+    import math
+
+    curve_cells = any(spec.minimum_norm(a) for a in spec.attack)
+    cells = len(spec.model) * (sum(math.isfinite(e) for e in spec.eps) + curve_cells)
     with ProgressBars(enabled=not (quiet or as_json), cells=cells) as bars, stage_log(not (quiet or as_json)):
         reports = run_grid(spec, db=db, overwrite=overwrite, progress=bars)
     if not reports:  # a rank other than 0 under torchrun
@@ -110,6 +120,9 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
         click.echo(dump_json(reports))
         return
     for report in reports:
+        if hasattr(report, "curves"):  # a CurveReport (no torch import at module level)
+            _print_curves(report)
+            continue
         for r in report.existing:
             err.print(Text(f"{r.model} {r.attack} eps={_eps_str(r.eps)}: already in the leaderboard (shown "
                            "below); pass --overwrite to recompute.", style="yellow"), soft_wrap=True)
@@ -159,6 +172,44 @@ def _print_cell(report) -> None:  # noqa: ANN001
         for stage, acc in (r.extra or {}).get("per_stage", {}).get(r.attack, {}).items():
             table.add_row(f"  after {stage}", "", f"{100 * acc:.2f}%", "")
     out.print(table)
+
+
+def _print_curves(report) -> None:  # noqa: ANN001
+    """The minimum-norm attacks' curves of one model: distances and accuracy at the standard radii."""
+    from robustkit.results.curves import STANDARD_RADII, radius_dataset, robust_at
+
+    for c in report.existing:
+        err.print(Text(f"{c.model} {c.attack} {c.norm} curve: already in the leaderboard (shown below); pass "
+                       "--overwrite to recompute.", style="yellow"), soft_wrap=True)
+    curves = report.existing + report.curves
+    if not curves:
+        return
+    first = curves[0]
+    radii = STANDARD_RADII.get((radius_dataset(first), first.norm), ())
+    defense = f" + {first.defense}" if first.defense else ""
+    table = Table(title=f"{first.model}{defense} on {first.dataset} (n={first.n_examples}), {first.norm} "
+                        f"minimum-norm curves")
+    for col in ("attack", "clean acc", "found", "median dist", "mean dist", *[f"acc@{_eps_str(r)}" for r in radii],
+                "seconds"):
+        table.add_column(col, justify="left" if col == "attack" else "right")
+    for c in curves:
+        s = c.summary
+        table.add_row(c.attack, f"{100 * s.clean_acc:.2f}%", f"{100 * s.found:.1f}%", _dist(s.median, c.norm),
+                      _dist(s.mean, c.norm), *[f"{100 * float(robust_at(c.distances, r).mean()):.2f}%" for r in radii],
+                      f"{c.seconds:.1f}")
+    out.print(table)
+    records = first.extra.get("records")
+    if records:
+        err.print(Text(f"per-sample distances: {records}", style="dim"), soft_wrap=True)
+
+
+def _dist(value: float, norm: str) -> str:
+    """A distance, in k/255 for Linf (the images' unit)."""
+    if value != value:  # nan
+        return "-"
+    if norm == "linf" and value != float("inf"):
+        return f"{value * 255:.2f}/255"
+    return f"{value:.4g}"
 
 
 def _eps_str(eps: float) -> str:

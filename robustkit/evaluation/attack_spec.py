@@ -88,6 +88,13 @@ def with_backend(name: str, backend: str) -> str:
     return f"pyautoattack:{name}"
 
 
+def is_minimum_norm(name: str) -> bool:
+    """Whether attack ``name`` (after its backend rewrite) is a minimum-norm attack: it runs
+    without eps and reports per-sample distances (fmn, ddn, alma, cw, deepfool, fab)."""
+    base = canonical_attack(name).partition(":")[0]
+    return bool(getattr(ATTACKS.get(base), "minimum_norm", False))
+
+
 def option_hints(cls: type) -> dict[str, Any] | None:
     """The keyword options an attack class takes, with their type hints, following ``**kwargs``
     up the class chain; None for a class that forwards options it cannot name (``open_options``,

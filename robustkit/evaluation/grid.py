@@ -10,6 +10,14 @@ is crafted on every surrogate and scored on the evaluated model, one row ``ATTAC
 each; the attack name ``transfer`` stands for the engine's transfer attacks
 (:data:`~robustkit.attacks.transfer.TRANSFER_SUITE`: PGD, MI-, DI-, TI-, MDTI-FGSM) and adds the
 row ``transfer``: the per-sample worst case over those sources × attacks.
+
+Minimum-norm attacks (fmn, ddn, alma, cw, deepfool, fab) run once per model, without eps: their
+*curve cell* stores one robustness curve per attack (:mod:`robustkit.results.curves`: the
+per-sample distances, robust accuracy on an eps grid, median and mean distance), plus the
+per-sample ensemble of several (the smallest distance wins, row and curve ``fmn+ddn``). At each
+eps of the grid their rows are derived from the distances (robust: distance > eps), exactly what
+the attack run at that eps finds, and join the worst case of the other attacks. With only
+minimum-norm attacks, eps may be left out: the curves alone are stored.
 """
 
 from __future__ import annotations
@@ -18,11 +26,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +49,7 @@ from robustkit.evaluation.attack_spec import (
     build_attack,
     canonical_attack,
     check_options_used,
+    is_minimum_norm,
     options_for,
     parse_kwargs,
     split_attacks,
@@ -52,6 +63,7 @@ from robustkit.models import robustbench as rb
 from robustkit.models.checkpoint import check_sha256
 from robustkit.models.robustbench_weights import check_normalize, locate_weights
 from robustkit.registry import MODELS
+from robustkit.results import curves as rc
 from robustkit.results.leaderboard import Leaderboard, ResultRow, canonical_json
 from robustkit.threat import ThreatModel
 from robustkit.units import eps_str, parse_eps
@@ -65,6 +77,7 @@ DATASET_FOR_INPUT = {((1, 8, 8), 10): "digits", ((1, 28, 28), 10): "mnist", ((3,
 TRANSFER = "transfer"  # --attack transfer: every transfer attack from every surrogate, and their worst case
 SCORE_BASED = ("square",)  # attacks that use only model outputs (for the gradient-masking check)
 LOCK_POLL_S = 0.5  # how often a run waiting for another process's cell tries its lock again
+DERIVED = "curve"  # attack_config["derived_from"] of a row read off a minimum-norm attack's distances
 
 log = logging.getLogger("robustkit.eval")
 
@@ -75,6 +88,13 @@ def _split(value: str | Sequence[Any] | None) -> list[Any]:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     return list(value)
+
+
+def _parse_radius(value: Any) -> float:
+    """A radius as written (8/255, 0.5), or ``inf``: no radius, the curve of a minimum-norm attack."""
+    if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity"):
+        return math.inf
+    return parse_eps(value)
 
 
 @dataclass
@@ -99,7 +119,9 @@ class EvalSpec:
     defense: str | None = None  # an inference defense wrapping every model (e.g. aaa)
     defense_kwargs: dict[str, Any] = field(default_factory=dict)
     norm: str | None = None  # default: from threat_model (L2 -> l2), else linf
-    eps: list[float] = field(default_factory=list)  # default: the data set's standard radius (8/255 Linf on CIFAR)
+    # default: the data set's standard radius (8/255 Linf on CIFAR); none with only minimum-norm attacks
+    # (their curves need no eps); inf: the curve only
+    eps: list[float] = field(default_factory=list)
     seed: int = 0
     batch_size: int = 256
     device: str = "auto"
@@ -115,7 +137,7 @@ class EvalSpec:
         self.model = _split(self.model)
         self.attack = split_attacks(self.attack)
         self.checkpoint = [c or None for c in _split(self.checkpoint)]
-        self.eps = [parse_eps(e) for e in _split(self.eps if not isinstance(self.eps, int | float) else [self.eps])]
+        self.eps = [_parse_radius(e) for e in _split(self.eps if not isinstance(self.eps, int | float) else [self.eps])]
         if self.prompt and not self.model:  # the backbone the prompt was trained on
             from robustkit.models.prompted import prompt_backbone
 
@@ -124,10 +146,13 @@ class EvalSpec:
         if not self.model:
             self.model = [_model_from_sidecar(c) for c in self.checkpoint] or ["digits-cnn"]
         self.model = [MODELS.canonical(m) if not is_external(m) and m in MODELS else m for m in self.model]  # aliases
-        self._robustbench_defaults()
+        if not self.attack:
+            raise UsageError("An evaluation needs at least one attack.")
+        curves_only = bool(self.attack) and not self.surrogate and all(self.minimum_norm(a) for a in self.attack)
+        self._robustbench_defaults(fill_eps=not curves_only)
         self._surrogate_defaults()
-        if not self.attack or not self.eps:
-            raise UsageError("An evaluation needs at least one attack and one eps.")
+        if not self.eps and not curves_only:
+            raise UsageError("An evaluation needs at least one eps (only minimum-norm attacks run without one).")
         if self.checkpoint and len(self.checkpoint) not in (1, len(self.model)):
             raise UsageError(f"Give one checkpoint per model: {len(self.model)} models, "
                              f"{len(self.checkpoint)} checkpoints.")
@@ -137,7 +162,14 @@ class EvalSpec:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise UsageError(f"--dist-timeout must be a positive number of seconds, got {timeout!r}.")
 
-    def _robustbench_defaults(self) -> None:
+    def minimum_norm(self, attack: str) -> bool:
+        """Whether ``attack`` runs as a minimum-norm attack here (not under --surrogate: a transfer
+        run crafts at an eps)."""
+        if self.surrogate or attack.strip().lower() == TRANSFER:
+            return False
+        return is_minimum_norm(with_backend(attack, self.backend))
+
+    def _robustbench_defaults(self, fill_eps: bool = True) -> None:
         """Qualify ``robustbench:NAME`` models with the dataset and threat model, and fill the data
         set (the one the first model is built for), norm and eps (the data set's standard radius:
         RobustBench's on CIFAR and ImageNet, 0.3 / 2 on MNIST, else 0.1)."""
@@ -152,7 +184,7 @@ class EvalSpec:
             raise UsageError("--model-dir locates RobustBench weights; give a robustbench: model with it.")
         if not self.dataset:
             self.dataset = refs[0].dataset if refs else default_dataset(self.model[0])
-        if not self.eps:
+        if not self.eps and fill_eps:
             name = refs[0].dataset if refs else self.radius_dataset()
             zoo_eps = rb.benchmark_eps(name, self.norm)
             self.eps = [zoo_eps if zoo_eps is not None else STANDARD_EPS.get((name, self.norm), 0.1)]
@@ -191,7 +223,7 @@ class EvalSpec:
 
     def to_yaml(self) -> str:
         data = dataclasses.asdict(self)
-        data["eps"] = [eps_str(e) for e in self.eps]  # 8/255 rather than 0.03137254901960784
+        data["eps"] = [eps_str(e) if math.isfinite(e) else "inf" for e in self.eps]  # 8/255, not 0.0313725...
         return yaml.safe_dump(data, sort_keys=False)
 
     @classmethod
@@ -220,6 +252,19 @@ class CellReport:
     records: Path | None = None
 
 
+@dataclass
+class CurveReport:
+    """One model's minimum-norm attacks run without eps: their curves (new and already stored),
+    and each attack's (and the ensemble's) per-sample distances."""
+
+    model: str
+    curves: list[rc.Curve]
+    existing: list[rc.Curve]
+    distances: dict[str, Any] = field(default_factory=dict)
+    result: EvalResult | None = None
+    records: Path | None = None
+
+
 # progress(cell_label, batches_done, batches_total, robust, evaluated)
 CellProgress = Callable[[str, int, int, int, int], None]
 
@@ -230,12 +275,17 @@ class Grid:
     def __init__(self, spec: EvalSpec, *, db: str | Path | None = None, overwrite: bool = False):
         self.spec = spec
         self.board = Leaderboard(db)
+        self.curve_store = rc.CurveStore(self.board)
         self.overwrite = overwrite
         self.home = Path(self.board.path).parent
         self.runs = self.home / "runs" / _cache_name(self.board.path)  # batch caches of this database only
-        self.threats = [ThreatModel(spec.norm, e) for e in spec.eps]
+        self.threats = [ThreatModel(spec.norm, e) for e in spec.eps if math.isfinite(e)]
         for threat in self.threats:  # validate every attack and option before any work
             self.attacks(threat)
+        if any(not math.isfinite(e) for e in spec.eps):  # --eps inf: only minimum-norm attacks run without one
+            others = [a for a in self.attack_names() if not self.spec.minimum_norm(a)]
+            self._build(others, ThreatModel(spec.norm, math.inf))
+        self.curve_attacks()
         for i, name in enumerate(spec.model):  # and every RobustBench model and its weights (imports robustbench)
             if rb.is_robustbench(name):
                 check_normalize(name, spec.normalize)
@@ -254,23 +304,42 @@ class Grid:
             for name, ckpt, label, sha in _surrogate_labels(spec)]
         self._suite: set[str] = set()  # names of the cells that the `transfer` row covers
 
-    def attacks(self, threat: ThreatModel) -> list[tuple[str, Attack]]:
-        """The cells' attacks: each attack, or with surrogates each attack from each surrogate
-        (``ATTACK@SURROGATE``, surrogates outer); ``transfer`` expands to the transfer suite."""
+    def attack_names(self) -> list[str]:
+        """Every attack of the run, canonical, in order (``transfer`` expanded to its suite)."""
         from robustkit.attacks.transfer import TRANSFER_SUITE
 
         names: list[str] = []
-        suite: set[str] = set()
         for a in self.spec.attack:
             expanded = list(TRANSFER_SUITE) if a.strip().lower() == TRANSFER else [with_backend(a, self.spec.backend)]
-            for n in map(canonical_attack, expanded):
-                if n not in names:
-                    names.append(n)
-                if a.strip().lower() == TRANSFER:
-                    suite.add(n)
+            names += [n for n in map(canonical_attack, expanded) if n not in names]
         check_options_used(names, self.spec.attack_kwargs)
+        return names
+
+    def _build(self, names: list[str], threat: ThreatModel) -> list[tuple[str, Attack]]:
         attacks = [(n, build_attack(n, threat, seed=self.spec.seed, **options_for(n, self.spec.attack_kwargs)))
                    for n in names]
+        for n, a in attacks:
+            if getattr(a, "targeted", False):
+                raise UsageError(f"{n} was asked for as a targeted attack (targeted=true), but robustkit eval has no "
+                                 f"target class per point; use apgd-t or fab-t (they pick their targets), or call "
+                                 f"the attack from Python with target=.")
+        return attacks
+
+    def curve_attacks(self) -> list[tuple[str, Attack]]:
+        """The minimum-norm attacks of the run, without eps (their curve cell); [] when none."""
+        names = [n for n in self.attack_names() if self.spec.minimum_norm(n)]
+        return self._build(names, ThreatModel(self.spec.norm, math.inf)) if names else []
+
+    def attacks(self, threat: ThreatModel) -> list[tuple[str, Attack]]:
+        """The cells' attacks other than the minimum-norm ones (whose rows come from their curve):
+        each attack, or with surrogates each attack from each surrogate (``ATTACK@SURROGATE``,
+        surrogates outer); ``transfer`` expands to the transfer suite."""
+        from robustkit.attacks.transfer import TRANSFER_SUITE
+
+        transfer = any(a.strip().lower() == TRANSFER for a in self.spec.attack)
+        suite = {canonical_attack(n) for n in TRANSFER_SUITE} if transfer else set()
+        names = [n for n in self.attack_names() if not self.spec.minimum_norm(n)]
+        attacks = self._build(names, threat)
         surrogates = getattr(self, "surrogates", [])
         if not surrogates:
             return attacks
@@ -280,35 +349,89 @@ class Grid:
         return [(f"{n}@{label}", Transferred(a, model, label, sha))
                 for label, model, sha in surrogates for n, a in attacks]
 
+    def _row(self, model: str, sha: str, threat: ThreatModel, name: str, config: dict[str, Any], clean: float,
+             robust: float, seconds: float, extra: dict[str, Any]) -> ResultRow:
+        return ResultRow(
+            model=model, checkpoint_sha256=sha, defense=self.defense, dataset=self.dataset.name,
+            n_examples=len(self.dataset),
+            norm=threat.norm, eps=threat.eps, attack=name, attack_config=config, seed=self.spec.seed,
+            clean_acc=clean, robust_acc=robust, seconds=seconds,
+            robustkit_version=__version__, torch_version=torch.__version__,
+            device=f"{self.device.type} ({platform.machine()})", extra=extra,
+        )
+
     def _rows(self, model: str, sha: str, threat: ThreatModel, attacks: list[tuple[str, Attack]],
-              result: EvalResult | None, extra: dict[str, Any]) -> list[ResultRow]:
+              result: EvalResult | None, extra: dict[str, Any], curve: CurveReport | None = None) -> list[ResultRow]:
+        """The cell's rows: one per attack, ``transfer`` over the transfer suite, and ``worst-case``
+        over every attack of the cell, the minimum-norm ones (``curve``, at this eps) included."""
         nan = float("nan")
         batch = {"batch_size": self.spec.batch_size}  # attacks are seeded per batch: a key field, like the seed
         cells = [(n, {**a.config(), **batch}, result.robust_acc(n) if result else nan,
                   (result.seconds["clean"] + result.seconds[n]) if result else 0.0) for n, a in attacks]
+        min_norm = self.curve_attacks() if curve is not None else []
 
-        def worst(name: str, chosen: list[tuple[str, Attack]]) -> None:
-            config = {"attacks": [n for n, _ in chosen], "configs": {n: a.config() for n, a in chosen}, **batch}
-            robust = float(worst_case(result, [n for n, _ in chosen]).mean()) if result else nan
+        def worst(name: str, chosen: list[tuple[str, Attack]], also: list[tuple[str, Attack]]) -> None:
+            config = {"attacks": [n for n, _ in chosen + also],
+                      "configs": {n: a.config() for n, a in chosen + also}, **batch}
+            robust = nan
+            if result:
+                per_sample = worst_case(result, [n for n, _ in chosen])
+                for n, _ in also:
+                    per_sample &= rc.robust_at(curve.distances[n], threat.eps)
+                robust = float(per_sample.mean())
             seconds = (result.seconds["clean"] + sum(result.seconds[n] for n, _ in chosen)) if result else 0.0
             cells.append((name, config, robust, seconds))
 
         suite = [(n, a) for n, a in attacks if n in self._suite]
         if suite:
-            worst(TRANSFER, suite)
-        if len(attacks) > 1 and len(suite) < len(attacks):
-            worst(WORST_CASE, attacks)
-        return [ResultRow(
-            model=model, checkpoint_sha256=sha, defense=self.defense, dataset=self.dataset.name,
-            n_examples=len(self.dataset),
-            norm=threat.norm, eps=threat.eps, attack=name, attack_config=config, seed=self.spec.seed,
-            clean_acc=result.clean_acc if result else nan, robust_acc=robust, seconds=seconds,
-            robustkit_version=__version__, torch_version=torch.__version__,
-            device=f"{self.device.type} ({platform.machine()})", extra=extra,
-        ) for name, config, robust, seconds in cells]
+            worst(TRANSFER, suite, [])
+        if len(attacks) + len(min_norm) > 1 and len(suite) < len(attacks):
+            worst(WORST_CASE, attacks, min_norm)
+        return [self._row(model, sha, threat, name, config, result.clean_acc if result else nan, robust, seconds,
+                          extra) for name, config, robust, seconds in cells]
 
-    def run_cell(self, index: int, threat: ThreatModel, progress: CellProgress | None = None) -> CellReport | None:
-        """Evaluate model ``index`` at ``threat``; returns None on ranks other than 0.
+    def _derived_rows(self, model: str, sha: str, threat: ThreatModel, curve: CurveReport) -> list[ResultRow]:
+        """The minimum-norm attacks' (and their ensemble's) rows at ``threat.eps``, read off their
+        distances: robust where distance > eps, exactly what the attack run at that eps finds."""
+        rows = []
+        for c in curve.curves + curve.existing:
+            d = curve.distances[c.attack]
+            config = {**c.attack_config, "derived_from": DERIVED}
+            extra = {"curve": {"run_id": c.extra.get("run_id"), "median_distance": c.summary.median},
+                     "records": c.extra.get("records")}
+            rows.append(self._row(model, sha, threat, c.attack, config, rc.summarize(d).clean_acc,
+                                  float(rc.robust_at(d, threat.eps).mean()), c.seconds, extra))
+        order = {name: i for i, name in enumerate(curve.distances)}
+        return sorted(rows, key=lambda r: order.get(r.attack, len(order)))
+
+    def _store_rows(self, rows: list[ResultRow]) -> list[ResultRow]:
+        stored = []
+        for row in rows:
+            if self.overwrite or not self.board.exists(row):
+                self.board.add(row, overwrite=self.overwrite)
+                stored.append(row)
+        return stored
+
+    def _cell_id(self, name: str, sha: str, eps: str, attacks: list[tuple[str, Attack]]) -> str:
+        spec = self.spec
+        key = canonical_json({"model": name, "sha": sha, "defense": self.defense, "normalize": spec.normalize,
+                              "data": self.dataset.name,
+                              "split": spec.split, "n": len(self.dataset), "norm": spec.norm,
+                              "eps": eps, "attacks": {n: a.config() for n, a in attacks},
+                              "seed": spec.seed, "batch": spec.batch_size})
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def _model(self, index: int) -> torch.nn.Module:
+        from robustkit.models.prompted import wrap_prompt
+
+        spec = self.spec
+        return wrap_defense(wrap_prompt(_load(spec.model[index], spec.checkpoint_of(index), spec), spec.prompt),
+                            spec.defense, spec.defense_kwargs)
+
+    def run_cell(self, index: int, threat: ThreatModel, progress: CellProgress | None = None,
+                 curve: CurveReport | None = None) -> CellReport | None:
+        """Evaluate model ``index`` at ``threat``; returns None on ranks other than 0. ``curve``:
+        the model's minimum-norm attacks, whose rows at this eps come from their distances.
 
         The cell is computed under its batch store's lock: a second process asking for the same
         cell waits for the first, then reuses its rows."""
@@ -316,23 +439,25 @@ class Grid:
         name, checkpoint = spec.model[index], spec.checkpoint_of(index)
         sha = weights_sha256(name, checkpoint, spec.model_dir)
         attacks = self.attacks(threat)
-        key = canonical_json({"model": name, "sha": sha, "defense": self.defense, "normalize": spec.normalize,
-                              "data": self.dataset.name,
-                              "split": spec.split, "n": len(self.dataset), "norm": threat.norm,
-                              "eps": eps_str(threat.eps), "attacks": {n: a.config() for n, a in attacks},
-                              "seed": spec.seed, "batch": spec.batch_size})
-        run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+        derived: list[ResultRow] = []
+        if curve is not None and dist.world()[0] == 0:
+            derived = self._derived_rows(name, sha, threat, curve)
+        if not attacks:  # only minimum-norm attacks: their rows are read off the curves
+            if dist.world()[0]:
+                return None
+            existing = [r for r in map(self.board.get, derived) if r is not None]
+            rows = self._store_rows(derived)
+            kept = [r for r in existing if r.attack not in {row.attack for row in rows}]
+            return CellReport(name, threat.eps, rows, kept)
+        run_id = self._cell_id(name, sha, eps_str(threat.eps), attacks)
         store = BatchStore(self.runs / run_id)
         label = f"{name} {threat.norm} eps={eps_str(threat.eps)}"
         with self._locked(store, label):
-            planned = self._rows(name, sha, threat, attacks, None, {})
+            planned = _combined(self._rows(name, sha, threat, attacks, None, {}, curve), derived)
             existing = [r for r in map(self.board.get, planned) if r is not None]
             if dist.broadcast_from_rank0(len(existing) == len(planned) and not self.overwrite):
                 return CellReport(name, threat.eps, [], existing) if dist.world()[0] == 0 else None
-            from robustkit.models.prompted import wrap_prompt
-
-            model = wrap_defense(wrap_prompt(_load(name, checkpoint, spec), spec.prompt), spec.defense,
-                                 spec.defense_kwargs)
+            model = self._model(index)
             t0 = time.perf_counter()
             result = evaluate(model, self.dataset, attacks, batch_size=spec.batch_size, device=self.device,
                               store=store, shard=dist.world(), keep_adv=spec.save_adv is not None,
@@ -356,14 +481,75 @@ class Grid:
             if spec.save_adv:
                 extra["adversarial_examples"] = str(save_adversarial(result,
                                                                      Path(spec.save_adv) / f"{run_id}.safetensors"))
-            rows = []
-            for row in self._rows(name, sha, threat, attacks, result, extra):
-                if self.overwrite or not self.board.exists(row):
-                    self.board.add(row, overwrite=self.overwrite)
-                    rows.append(row)
+            rows = self._store_rows(_combined(self._rows(name, sha, threat, attacks, result, extra, curve), derived))
             store.clear()
         kept = [r for r in existing if r.attack not in {row.attack for row in rows}]
         return CellReport(name, threat.eps, rows, kept, result, warnings, records)
+
+    def _curves(self, model: str, sha: str, attacks: list[tuple[str, Attack]], result: EvalResult | None,
+                extra: dict[str, Any]) -> list[rc.Curve]:
+        """One curve per minimum-norm attack, and the ensemble of several (``a+b``: per sample the
+        smallest distance). Without ``result``: the curves' keys only (no distances)."""
+        batch = {"batch_size": self.spec.batch_size}
+        empty = [0.0] * len(self.dataset)
+        parts = [(n, {**a.config(), **batch}, result.distance(n) if result else empty,
+                  (result.seconds["clean"] + result.seconds[n]) if result else 0.0) for n, a in attacks]
+        if len(attacks) > 1:
+            config = {"attacks": [n for n, _ in attacks], "configs": {n: a.config() for n, a in attacks}, **batch}
+            parts.append(("+".join(n for n, _ in attacks), config, rc.ensemble([d for _, _, d, _ in parts]),
+                          (result.seconds["clean"] + sum(result.seconds[n] for n, _ in attacks)) if result else 0.0))
+        radius = self.spec.radius_dataset()
+        return [rc.Curve(
+            model=model, checkpoint_sha256=sha, defense=self.defense, dataset=self.dataset.name,
+            n_examples=len(self.dataset), norm=self.spec.norm, attack=name, attack_config=config,
+            seed=self.spec.seed, distances=rc.as_distances(d), eps_grid=tuple(rc.eps_grid(self.spec.norm, radius, d)),
+            seconds=seconds, robustkit_version=__version__, torch_version=torch.__version__,
+            device=f"{self.device.type} ({platform.machine()})",
+            timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            extra={**extra, "radius_dataset": radius},
+        ) for name, config, d, seconds in parts]
+
+    def run_curve(self, index: int, progress: CellProgress | None = None) -> CurveReport | None:
+        """Model ``index``'s minimum-norm attacks without eps (resumable and locked like a cell):
+        their curves, stored, and their distances. None without such attacks, and on ranks other than 0."""
+        attacks = self.curve_attacks()
+        if not attacks:
+            return None
+        spec = self.spec
+        name, checkpoint = spec.model[index], spec.checkpoint_of(index)
+        sha = weights_sha256(name, checkpoint, spec.model_dir)
+        run_id = self._cell_id(name, sha, "inf", attacks)
+        store = BatchStore(self.runs / run_id)
+        label = f"{name} {spec.norm} curve"
+        with self._locked(store, label):
+            planned = self._curves(name, sha, attacks, None, {})
+            existing = [c for c in map(self.curve_store.get, planned) if c is not None]
+            if dist.broadcast_from_rank0(len(existing) == len(planned) and not self.overwrite):
+                if dist.world()[0]:
+                    return None
+                return CurveReport(name, [], existing, {c.attack: c.distances for c in existing})
+            model = self._model(index)
+            t0 = time.perf_counter()
+            result = evaluate(model, self.dataset, attacks, batch_size=spec.batch_size, device=self.device,
+                              store=store, shard=dist.world(), keep_adv=spec.save_adv is not None,
+                              progress=(lambda *a: progress(label, *a)) if progress else None)
+            result = self._collect(model, attacks, store, result, label)
+            if result is None:
+                return None
+            records = write_records(result, Path(spec.records_dir or self.home / "records") / run_id)
+            extra = {"run_id": run_id, "records": str(records), "wall_seconds": time.perf_counter() - t0}
+            if spec.save_adv:
+                extra["adversarial_examples"] = str(save_adversarial(result,
+                                                                     Path(spec.save_adv) / f"{run_id}.safetensors"))
+            curves = self._curves(name, sha, attacks, result, extra)
+            new = []
+            for c in curves:
+                if self.overwrite or self.curve_store.get(c) is None:
+                    self.curve_store.add(c, overwrite=self.overwrite)
+                    new.append(c)
+            store.clear()
+        kept = [c for c in existing if c.attack not in {n.attack for n in new}]
+        return CurveReport(name, new, kept, {c.attack: c.distances for c in curves}, result, records)
 
     def _collect(self, model: torch.nn.Module, attacks: list[tuple[str, Attack]], store: BatchStore,
                  result: EvalResult, label: str) -> EvalResult | None:
@@ -426,11 +612,15 @@ class Grid:
             warnings += diag.unbounded_and_loss_checks(model, x, y, threat, PGD)
         return warnings
 
-    def run(self, progress: CellProgress | None = None) -> list[CellReport]:
-        """All cells, models outer and eps inner; adds the eps-monotonicity check per model."""
-        reports = []
+    def run(self, progress: CellProgress | None = None) -> list[CellReport | CurveReport]:
+        """All cells, models outer and eps inner (a model's curve cell first); adds the
+        eps-monotonicity check per model."""
+        reports: list[CellReport | CurveReport] = []
         for i in range(len(self.spec.model)):
-            cells = [self.run_cell(i, threat, progress) for threat in self.threats]
+            curve = self.run_curve(i, progress)
+            if curve is not None:
+                reports.append(curve)
+            cells = [self.run_cell(i, threat, progress, curve) for threat in self.threats]
             cells = [c for c in cells if c is not None]
             if len(cells) > 1 and self._diagnosing():
                 for name in sorted({r.attack for c in cells for r in c.rows + c.existing}):
@@ -438,6 +628,13 @@ class Grid:
                     cells[-1].warnings += diag.non_monotone_in_eps(curve, f"{self.spec.model[i]} / {name}")
             reports += cells
         return reports
+
+
+def _combined(rows: list[ResultRow], derived: list[ResultRow]) -> list[ResultRow]:
+    """A cell's rows in reading order: each attack, then the minimum-norm attacks' derived rows,
+    then the combined rows (``transfer``, ``worst-case``)."""
+    combined = [r for r in rows if r.attack in (TRANSFER, WORST_CASE)]
+    return [r for r in rows if r not in combined] + derived + combined
 
 
 def worst_case(result: EvalResult, attacks: Sequence[str]) -> Any:
@@ -532,14 +729,32 @@ def run_grid(spec: EvalSpec, *, db: str | Path | None = None, overwrite: bool = 
             dist.shutdown()
 
 
-def summary(reports: Sequence[CellReport]) -> list[dict[str, Any]]:
-    """Machine-readable summary (``--json``): every row of every cell, with warnings."""
-    return [{**dataclasses.asdict(r), "warnings": c.warnings} for c in reports for r in c.existing + c.rows]
+def curve_summary(curve: rc.Curve) -> dict[str, Any]:
+    """A curve as ``--json`` shows it: its key, distance summary and accuracy on its eps grid."""
+    s = curve.summary
+    return {"model": curve.model, "checkpoint_sha256": curve.checkpoint_sha256, "defense": curve.defense,
+            "dataset": curve.dataset, "n_examples": curve.n_examples, "norm": curve.norm, "attack": curve.attack,
+            "attack_config": curve.attack_config, "seed": curve.seed, "clean_acc": s.clean_acc,
+            "median_distance": s.median, "mean_distance": s.mean, "found": s.found,
+            "curve": [{"eps": e, "robust_acc": a} for e, a in zip(curve.eps_grid, curve.robust_acc, strict=True)],
+            "seconds": curve.seconds, "records": curve.extra.get("records")}
 
 
-def dump_json(reports: Sequence[CellReport]) -> str:
+def summary(reports: Sequence[CellReport | CurveReport]) -> list[dict[str, Any]]:
+    """Machine-readable summary (``--json``): every row of every cell, with warnings, and every
+    curve (``"kind": "curve"``; rows have ``"kind": "row"``)."""
+    out: list[dict[str, Any]] = []
+    for c in reports:
+        if isinstance(c, CurveReport):
+            out += [{"kind": "curve", **curve_summary(k)} for k in c.existing + c.curves]
+        else:
+            out += [{"kind": "row", **dataclasses.asdict(r), "warnings": c.warnings} for r in c.existing + c.rows]
+    return out
+
+
+def dump_json(reports: Sequence[CellReport | CurveReport]) -> str:
     return json.dumps(summary(reports), indent=2, default=str)
 
 
-__all__ = ["TRANSFER", "WORST_CASE", "CellReport", "EvalSpec", "Grid", "ProgressFn", "dump_json", "parse_kwargs",
-           "run_grid", "summary", "worst_case"]
+__all__ = ["TRANSFER", "WORST_CASE", "CellReport", "CurveReport", "EvalSpec", "Grid", "ProgressFn", "dump_json",
+           "parse_kwargs", "run_grid", "summary", "worst_case"]

@@ -12,13 +12,17 @@ from robustkit.evaluation.runner import EvalResult
 
 
 def records_frame(result: EvalResult) -> pd.DataFrame:
-    """One row per example: index, label, clean and final prediction, per-attack success, norms, queries."""
+    """One row per example: index, label, clean and final prediction, per-attack success, norms,
+    queries and, for a minimum-norm attack, ``distance_<attack>`` (inf: no adversarial point found;
+    0: misclassified from the start)."""
     a = result.arrays
     columns = {"index": a["index"], "label": a["label"], "clean_pred": a["clean_pred"]}
     for name in result.attacks:
         columns[f"success_{name}"] = a[f"success:{name}"]
         columns[f"norm_{name}"] = a[f"norm:{name}"]
         columns[f"queries_{name}"] = a[f"queries:{name}"]
+        if f"distance:{name}" in a:
+            columns[f"distance_{name}"] = a[f"distance:{name}"]
     for key in a:
         if key.startswith("stage:"):  # a cascade's stages: broken after stage s of attack a
             columns["after_" + key[len("stage:"):]] = a[key]

@@ -37,7 +37,9 @@ class EvalResult:
 
     ``arrays`` holds ``index``, ``label``, ``clean_pred``, ``final_pred``, ``final_norm`` and, per
     attack ``a``, ``success:a`` (bool), ``queries:a`` (int, -1 unknown) and ``norm:a`` (float); a
-    cascade adds ``stage:a|s`` (broken after its stage ``s``).
+    cascade adds ``stage:a|s`` (broken after its stage ``s``), a minimum-norm attack ``distance:a``
+    (float32: the norm of its adversarial point, inf where it found none, 0 for points
+    misclassified from the start).
     """
 
     attacks: list[str]
@@ -69,6 +71,10 @@ class EvalResult:
 
     def robust_acc(self, attack: str | None = None) -> float:
         return float(self.robust(attack).mean())
+
+    def distance(self, attack: str) -> np.ndarray | None:
+        """A minimum-norm attack's per-sample distances (None for other attacks)."""
+        return self.arrays.get(f"distance:{attack}")
 
     def stage_accs(self, attack: str) -> dict[str, float]:
         """A cascade's robust accuracy after each of its stages (AutoAttack's per-attack report)."""
@@ -198,6 +204,8 @@ def _attack_batch(
         queries = torch.full((len(y),), -1, dtype=torch.long, device=x.device)
         norms = torch.zeros(len(y), device=x.device)
         stages = {stage: torch.zeros_like(success) for stage in attack.stage_names()}
+        # a minimum-norm attack's distances: 0 where the clean prediction is already wrong
+        distance = torch.zeros(len(y), device=x.device) if getattr(attack, "minimum_norm", False) else None
         if len(correct):
             out = attack(model, x[correct], y[correct])
             success[correct] = out.success
@@ -206,6 +214,8 @@ def _attack_batch(
             if out.queries is not None:
                 queries[correct] = out.queries
             norms[correct] = attack.threat.norm_of(out.x_adv - x[correct]).float()
+            if distance is not None:
+                distance[correct] = out.distance.float()
             # the worst-case example: the first attack that succeeded, else the last attempt
             take = correct[~final_found[correct]]
             final_adv[take] = out.x_adv[~final_found[correct]]
@@ -213,6 +223,8 @@ def _attack_batch(
         arrays[f"success:{name}"] = success.cpu().numpy()
         arrays[f"queries:{name}"] = queries.cpu().numpy()
         arrays[f"norm:{name}"] = norms.cpu().numpy()
+        if distance is not None:
+            arrays[f"distance:{name}"] = distance.cpu().numpy()
         for stage, broken in stages.items():
             arrays[f"stage:{name}|{stage}"] = broken.cpu().numpy()
         seconds[name] = _clock(x.device) - t0

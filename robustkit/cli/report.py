@@ -1,7 +1,9 @@
-"""``robustkit report``: analyses of the leaderboard (today: ``scaling``, the power law in eps)."""
+"""``robustkit report``: analyses of the leaderboard: ``scaling`` (the power law in eps) and
+``optimality`` (AttackBench's ranking of minimum-norm attacks against the per-sample envelope)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import click
@@ -75,3 +77,63 @@ def scaling_cmd(model: str | None, dataset: str | None, norm: str | None, attack
     for row in rows:
         shown.add_row(*row)
     out.print(shown)
+
+
+@report_group.command("optimality")
+@click.option("--model", help="Only curves of this model.")
+@click.option("--dataset", help="Only curves of this data set.")
+@click.option("--norm", type=click.Choice(["linf", "l2", "l1", "l0"]), help="Only curves of this norm.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--db", type=click.Path(dir_okay=False), help="Leaderboard file (default ~/.robustkit/leaderboard.db).")
+def optimality_cmd(model: str | None, dataset: str | None, norm: str | None, fmt: str, db: str | None) -> None:
+    """Rank the minimum-norm attacks run on the same points by AttackBench's optimality.
+
+    For each model (checkpoint, defense), data set, n, norm and seed, the envelope is the
+    smallest distance any stored attack found per point; an attack's optimality is
+    1 - (A - A*) / (clean_acc * D - A*), A and A* the areas under its and the envelope's
+    robustness curves up to the envelope's largest distance D (Cinà et al., 2024): 1 matches the
+    envelope, 0 finds nothing. best-on: the share of points where the attack reaches the envelope.
+
+    \b
+    Example:
+      robustkit eval --model resnet20 --checkpoint resnet20-12fca82f.th --attack fmn,ddn,alma --norm l2
+      robustkit report optimality --norm l2
+    """
+    from robustkit.errors import DataError
+    from robustkit.results.curves import optimality_frame
+
+    table = optimality_frame(db, model=model, dataset=dataset, norm=norm)
+    if table.empty:
+        raise DataError("No minimum-norm curves match in the leaderboard; `robustkit eval --attack fmn,ddn --norm l2` "
+                        "(no --eps) stores them.")
+    if fmt == "csv":
+        click.echo(table.to_csv(index=False), nl=False)
+        return
+    if fmt == "json":  # attack_config nested, as eval --json has it; NaN as null
+        records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
+        for record in records:  # inf (a median past the points found) as null too: JSON has no inf
+            record.update({k: None for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)})
+            record["attack_config"] = json.loads(record["attack_config"])
+        click.echo(json.dumps(records, indent=2, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+        return
+    for _, group in table.groupby(["model", "defense", "dataset", "norm", "n", "seed"], sort=False):
+        first = group.iloc[0]
+        defense = f" + {first['defense']}" if first["defense"] else ""
+        shown = Table(title=f"Optimality: {first['model']}{defense} on {first['dataset']} (n={first['n']}, "
+                            f"seed {first['seed']}), {first['norm']}")
+        for col in ("rank", "attack", "optimality", "best on", "found", "median dist", "seconds"):
+            shown.add_column(col, justify="left" if col == "attack" else "right", no_wrap=col != "attack")
+        for _, r in group.iterrows():
+            shown.add_row(str(r["rank"]), r["attack"], f"{r['optimality']:.4f}", f"{100 * r['best_on']:.1f}%",
+                          f"{100 * r['found']:.1f}%", _distance(r["median_distance"], r["norm"]),
+                          f"{r['seconds']:.1f}")
+        out.print(shown)
+
+
+def _distance(value: float, norm: str) -> str:
+    """A distance, in k/255 for Linf (the images' unit)."""
+    if math.isnan(value):
+        return "-"
+    if norm == "linf" and math.isfinite(value):
+        return f"{value * 255:.2f}/255"
+    return f"{value:.4g}"

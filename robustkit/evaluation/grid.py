@@ -732,10 +732,11 @@ def run_grid(spec: EvalSpec, *, db: str | Path | None = None, overwrite: bool = 
 def curve_summary(curve: rc.Curve) -> dict[str, Any]:
     """A curve as ``--json`` shows it: its key, distance summary and accuracy on its eps grid."""
     s = curve.summary
+    finite = lambda v: v if math.isfinite(v) else None  # noqa: E731 (JSON has no inf: null)
     return {"model": curve.model, "checkpoint_sha256": curve.checkpoint_sha256, "defense": curve.defense,
             "dataset": curve.dataset, "n_examples": curve.n_examples, "norm": curve.norm, "attack": curve.attack,
-            "attack_config": curve.attack_config, "seed": curve.seed, "clean_acc": s.clean_acc,
-            "median_distance": s.median, "mean_distance": s.mean, "found": s.found,
+            "attack_config": curve.attack_config, "seed": curve.seed, "clean_acc": finite(s.clean_acc),
+            "median_distance": finite(s.median), "mean_distance": finite(s.mean), "found": finite(s.found),
             "curve": [{"eps": e, "robust_acc": a} for e, a in zip(curve.eps_grid, curve.robust_acc, strict=True)],
             "seconds": curve.seconds, "records": curve.extra.get("records")}
 

@@ -62,7 +62,7 @@ from robustkit.models import is_external, load_model, model_info, weights_sha256
 from robustkit.models import robustbench as rb
 from robustkit.models.checkpoint import check_sha256
 from robustkit.models.robustbench_weights import check_normalize, locate_weights
-from robustkit.registry import MODELS
+from robustkit.registry import ATTACKS, MODELS
 from robustkit.results import curves as rc
 from robustkit.results.leaderboard import Leaderboard, ResultRow, canonical_json
 from robustkit.threat import ThreatModel
@@ -176,6 +176,12 @@ class EvalSpec:
         if self.threat_model:
             self.threat_model = rb.canonical_threat_model(self.threat_model)
         self.norm = self.norm or ("l2" if self.threat_model == "L2" else "linf")
+        for a in self.attack:  # before a default radius is picked for a norm the attack lacks (l0)
+            if a.strip().lower() != TRANSFER:
+                cls = ATTACKS.get(canonical_attack(with_backend(a, self.backend)).partition(":")[0])
+                norms = getattr(cls, "supported_norms", None)
+                if norms and self.norm not in norms:
+                    raise UsageError(f"{a} supports the norms {', '.join(norms)}, not {self.norm}.")
         dataset = self.dataset if self.dataset and self.dataset.lower() in rb.DATASETS else None
         threat = self.threat_model or rb.threat_model_for_norm(self.norm)
         self.model = [rb.qualify(m, dataset, threat) if rb.is_robustbench(m) else m for m in self.model]

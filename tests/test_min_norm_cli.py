@@ -242,3 +242,25 @@ def test_resnet20_curves_rows_ensemble_and_exports(capsys: pytest.CaptureFixture
         assert r["optimality"] == pytest.approx(rc.optimality(d, env))
         assert math.isfinite(r["optimality"])
     assert torch.get_num_threads() == 1
+
+
+def test_a_killed_curve_run_resumes_from_its_batches(tmp_path: Path) -> None:
+    from robustkit.evaluation.grid import EvalSpec, run_grid
+
+    spec = EvalSpec(attack=["fmn"], norm="l2", n_examples=24, batch_size=8, attack_kwargs={"steps": 10})
+    assert spec.eps == []  # only minimum-norm attacks: no default radius
+
+    def killed(label: str, done: int, total: int, robust: int, evaluated: int) -> None:
+        assert label == "digits-cnn l2 curve"
+        if done == 2:
+            raise KeyboardInterrupt
+
+    db = tmp_path / "a" / "board.db"
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(spec, db=db, progress=killed)
+    assert rc.CurveStore(db).curves() == []
+    assert len(list((tmp_path / "a" / "runs").rglob("batch_*.npz"))) == 2  # what the killed run kept
+    (resumed,) = run_grid(spec, db=db)
+    (fresh,) = run_grid(spec, db=tmp_path / "b" / "board.db")
+    assert np.array_equal(resumed.curves[0].distances, fresh.curves[0].distances)
+    assert len(list((tmp_path / "a" / "runs").rglob("batch_*.npz"))) == 0  # cleared once stored

@@ -725,8 +725,9 @@ def wrap_defense(model: torch.nn.Module, name: str | None, kwargs: dict[str, Any
 
 
 def run_grid(spec: EvalSpec, *, db: str | Path | None = None, overwrite: bool = False,
-             progress: CellProgress | None = None) -> list[CellReport]:
-    """Evaluate every cell of ``spec``; under torchrun only rank 0 gets the reports (others: [])."""
+             progress: CellProgress | None = None) -> list[CellReport | CurveReport]:
+    """Evaluate every cell of ``spec`` (per model: its minimum-norm attacks' :class:`CurveReport`
+    first, then a :class:`CellReport` per eps); under torchrun only rank 0 gets the reports (others: [])."""
     started = dist.init_from_env(spec.device, timeout_s=spec.dist_timeout)
     try:
         return Grid(spec, db=db, overwrite=overwrite).run(progress)

@@ -231,6 +231,7 @@ def test_resnet20_curves_rows_ensemble_and_exports(capsys: pytest.CaptureFixture
         assert rows[(name, 0.5)] == summary.loc[name, "robust_acc@0.5"] == float((c.distances > np.float32(0.5)).mean())
         assert rows[(name, 0.1)] == float((c.distances > np.float32(0.1)).mean())
     assert summary.loc["fmn+ddn", "median_distance"] == pytest.approx(both.summary.median)
+    assert (rc.curve_frame(db)["radius_dataset"] == "cifar10").all()  # npz images of the model's data set
 
     ok(capsys, "eval", *args, "--attack", "deepfool", "--norm", "l2")
     table = json.loads(ok(capsys, "report", "optimality", "--db", db, "--format", "json"))

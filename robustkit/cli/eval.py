@@ -184,6 +184,8 @@ def _print_curves(report) -> None:  # noqa: ANN001
     curves = report.existing + report.curves
     if not curves:
         return
+    for warning in report.warnings:
+        err.print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
     first = curves[0]
     radii = STANDARD_RADII.get((radius_dataset(first), first.norm), ())
     defense = f" + {first.defense}" if first.defense else ""

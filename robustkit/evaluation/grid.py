@@ -148,7 +148,7 @@ class EvalSpec:
         self.model = [MODELS.canonical(m) if not is_external(m) and m in MODELS else m for m in self.model]  # aliases
         if not self.attack:
             raise UsageError("An evaluation needs at least one attack.")
-        curves_only = bool(self.attack) and not self.surrogate and all(self.minimum_norm(a) for a in self.attack)
+        curves_only = all(self.minimum_norm(a) for a in self.attack)
         self._robustbench_defaults(fill_eps=not curves_only)
         self._surrogate_defaults()
         if not self.eps and not curves_only:
@@ -165,7 +165,7 @@ class EvalSpec:
     def minimum_norm(self, attack: str) -> bool:
         """Whether ``attack`` runs as a minimum-norm attack here (not under --surrogate: a transfer
         run crafts at an eps)."""
-        if self.surrogate or attack.strip().lower() == TRANSFER:
+        if self.surrogate or self.surrogate_checkpoint or attack.strip().lower() == TRANSFER:
             return False
         return is_minimum_norm(with_backend(attack, self.backend))
 
@@ -269,6 +269,7 @@ class CurveReport:
     distances: dict[str, Any] = field(default_factory=dict)
     result: EvalResult | None = None
     records: Path | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 # progress(cell_label, batches_done, batches_total, robust, evaluated)
@@ -543,7 +544,11 @@ class Grid:
             if result is None:
                 return None
             records = write_records(result, Path(spec.records_dir or self.home / "records") / run_id)
-            extra = {"run_id": run_id, "records": str(records), "wall_seconds": time.perf_counter() - t0}
+            warnings = [] if sha or spec.prompt else [
+                f"{name} has no weights file (no --checkpoint and none packaged): these are the distances of a "
+                f"randomly initialized network."]
+            extra = {"run_id": run_id, "records": str(records), "wall_seconds": time.perf_counter() - t0,
+                     "warnings": warnings}
             if spec.save_adv:
                 extra["adversarial_examples"] = str(save_adversarial(result,
                                                                      Path(spec.save_adv) / f"{run_id}.safetensors"))
@@ -555,7 +560,7 @@ class Grid:
                     new.append(c)
             store.clear()
         kept = [c for c in existing if c.attack not in {n.attack for n in new}]
-        return CurveReport(name, new, kept, {c.attack: c.distances for c in curves}, result, records)
+        return CurveReport(name, new, kept, {c.attack: c.distances for c in curves}, result, records, warnings)
 
     def _collect(self, model: torch.nn.Module, attacks: list[tuple[str, Attack]], store: BatchStore,
                  result: EvalResult, label: str) -> EvalResult | None:

@@ -321,9 +321,9 @@ class CurveStore:
 
 # -- exports -------------------------------------------------------------------------------------
 FRAME_COLUMNS = ("model", "defense", "checkpoint", "dataset", "norm", "attack", "n", "seed", "eps", "eps_str",
-                 "robust_acc", "clean_acc", "attack_config")
+                 "robust_acc", "clean_acc", "radius_dataset", "attack_config")
 SUMMARY_COLUMNS = ("model", "defense", "checkpoint", "dataset", "norm", "attack", "n", "seed", "clean_acc",
-                   "median_distance", "mean_distance", "found", "attack_config")
+                   "median_distance", "mean_distance", "found", "radius_dataset", "attack_config")
 
 
 def _store(db: str | Path | Leaderboard | CurveStore | None) -> CurveStore:
@@ -342,14 +342,17 @@ def radius_dataset(curve: Curve) -> str:
 
 def curve_frame(db: str | Path | Leaderboard | CurveStore | None = None, **filters: Any) -> pd.DataFrame:
     """Every stored curve, one row per eps of its grid: model, defense, checkpoint (sha256),
-    dataset, norm, attack, n, seed, eps, eps_str, robust_acc, clean_acc, attack_config (JSON).
+    dataset, norm, attack, n, seed, eps, eps_str, robust_acc, clean_acc, radius_dataset (the data
+    set whose units and radii apply: images from an npz file name the one the model is built
+    for), attack_config (JSON).
     Filters as :meth:`CurveStore.curves` (model=, dataset=, norm=, attack=, ...)."""
     records = []
     for c in _store(db).curves(**filters):
         clean, config = c.summary.clean_acc, canonical_json(c.attack_config)
         for eps, acc in zip(c.eps_grid, c.robust_acc, strict=True):
             records.append({**_identity(c), "eps": float(eps), "eps_str": eps_str(eps) if eps else "0",
-                            "robust_acc": acc, "clean_acc": clean, "attack_config": config})
+                            "robust_acc": acc, "clean_acc": clean, "radius_dataset": radius_dataset(c),
+                            "attack_config": config})
     return pd.DataFrame(records, columns=list(FRAME_COLUMNS))
 
 
@@ -362,7 +365,8 @@ def curve_summary_frame(db: str | Path | Leaderboard | CurveStore | None = None,
     for c in _store(db).curves(**filters):
         s = c.summary
         record = {**_identity(c), "clean_acc": s.clean_acc, "median_distance": s.median, "mean_distance": s.mean,
-                  "found": s.found, "attack_config": canonical_json(c.attack_config)}
+                  "found": s.found, "radius_dataset": radius_dataset(c),
+                  "attack_config": canonical_json(c.attack_config)}
         for r in STANDARD_RADII.get((radius_dataset(c), c.norm), ()):
             column = f"robust_acc@{eps_str(r)}"
             radii_columns[column] = (c.norm, r)

@@ -265,3 +265,26 @@ def test_a_killed_curve_run_resumes_from_its_batches(tmp_path: Path) -> None:
     (fresh,) = run_grid(spec, db=tmp_path / "b" / "board.db")
     assert np.array_equal(resumed.curves[0].distances, fresh.curves[0].distances)
     assert len(list((tmp_path / "a" / "runs").rglob("batch_*.npz"))) == 0  # cleared once stored
+
+
+def test_sharded_curve_cell_equals_single_process(tmp_path: Path) -> None:
+    """Under torchrun the curve cell is sharded like any cell: the same distances, curves and rows."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["eval", "--quiet", "--json", "--batch-size", "8", "--n-examples", "32", "--attack", "fmn,pgd",
+            "--norm", "l2", "--eps", "0.5", "--attack-kwargs", "steps=10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "robustkit", *args, "--db", str(tmp_path / "one" / "b.db")],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "robustkit", *args, "--db", str(tmp_path / "two" / "b.db")]
+    proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-1500:]
+    (one,), (two,) = (rc.CurveStore(tmp_path / d / "b.db").curves() for d in ("one", "two"))
+    assert np.array_equal(one.distances, two.distances) and one.attack == two.attack == "fmn"
+    rows = [{(r.attack, r.robust_acc, r.clean_acc) for r in Leaderboard(tmp_path / d / "b.db").rows()}
+            for d in ("one", "two")]
+    assert rows[0] == rows[1] and {a for a, _, _ in rows[0]} == {"pgd", "fmn", "worst-case"}

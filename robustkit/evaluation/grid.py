@@ -16,8 +16,10 @@ Minimum-norm attacks (fmn, ddn, alma, cw, deepfool, fab) run once per model, wit
 per-sample distances, robust accuracy on an eps grid, median and mean distance), plus the
 per-sample ensemble of several (the smallest distance wins, row and curve ``fmn+ddn``). At each
 eps of the grid their rows are derived from the distances (robust: distance > eps), exactly what
-the attack run at that eps finds, and join the worst case of the other attacks. With only
-minimum-norm attacks, eps may be left out: the curves alone are stored.
+the attack run at that eps finds (``attack_config["derived_from"] == "curve"``; FAB with
+``restarts`` > 1 aside, whose later restarts start at eps/2 in its eps mode), and join the worst
+case of the other attacks. With only minimum-norm attacks, eps may be left out: the curves alone
+are stored.
 """
 
 from __future__ import annotations

@@ -406,7 +406,9 @@ class Grid:
         for c in curve.curves + curve.existing:
             d = curve.distances[c.attack]
             config = {**c.attack_config, "derived_from": DERIVED}
-            extra = {"curve": {"run_id": c.extra.get("run_id"), "median_distance": c.summary.median},
+            median = c.summary.median  # inf (most points never broken) as null: JSON has no inf
+            extra = {"curve": {"run_id": c.extra.get("run_id"), "median_distance": median if math.isfinite(median)
+                               else None},
                      "records": c.extra.get("records")}
             rows.append(self._row(model, sha, threat, c.attack, config, rc.summarize(d).clean_acc,
                                   float(rc.robust_at(d, threat.eps).mean()), c.seconds, extra))

@@ -81,6 +81,10 @@ def test_checkpoint_labels() -> None:
     assert checkpoint_label(row(sha="")) == "-"
     assert checkpoint_label(row(extra={"checkpoint": "/x/resnet20-12fca82f.th"})) == "resnet20-12fca82f"
     assert checkpoint_label(row(extra={"checkpoint": "runs/rift-digits/model.safetensors"})) == "rift-digits/model"
+    # one checkpoint is one entry, named by its file where any row records it
+    rows = [row(), row(attack="fgsm", config={}, extra={"checkpoint": "w/rift.safetensors"}), row(sha=SHA_B)]
+    (group,) = ranked.build_groups(rows)
+    assert sorted(e.checkpoint for e in group.entries) == ["bbbbbbbb", "rift"]
 
 
 # -- item 9: the ranked view ---------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from robustkit.results.labels import AGGREGATES, attack_labels, checkpoint_label, is_random_weights
+from robustkit.results.labels import AGGREGATES, SHA_CHARS, attack_labels, checkpoint_label, is_random_weights
 from robustkit.results.leaderboard import ResultRow
 from robustkit.units import eps_str
 
@@ -129,7 +129,7 @@ def build_groups(
     labels = attack_labels(rows)
     by_group: dict[tuple[str, str], dict[tuple, list[ResultRow]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        key = (row.model, row.defense, row.checkpoint_sha256, checkpoint_label(row), row.n_examples)
+        key = (row.model, row.defense, row.checkpoint_sha256, is_random_weights(row), row.n_examples)
         by_group[(row.dataset, row.norm)][key].append(row)
     groups = []
     for (dataset, norm), entries in sorted(by_group.items()):
@@ -138,7 +138,9 @@ def build_groups(
         ranking, is_standard = _ranking_eps(entries, standard)
         eps_values = {eps_str(r.eps): float(r.eps) for rows_ in entries.values() for r in rows_}
         built = []
-        for (model, defense, sha, ckpt, n), entry_rows in entries.items():
+        for (model, defense, sha, _, n), entry_rows in entries.items():
+            # a file name, where some row records it, reads better than the hash
+            ckpt = min((checkpoint_label(r) for r in entry_rows), key=lambda label: label == sha[:SHA_CHARS])
             by_eps: dict[str, list[ResultRow]] = defaultdict(list)
             for r in entry_rows:
                 by_eps[eps_str(r.eps)].append(r)

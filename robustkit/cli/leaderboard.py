@@ -44,12 +44,11 @@ def leaderboard_cmd(
     """Show the leaderboard ranked like RobustBench's, export it, or compare it with RobustBench.
 
     Per data set and norm, one row per model (with its defense, checkpoint and number of points),
-    ranked by robust accuracy at the data set's standard radius (CIFAR-10: 8/255 Linf, 0.5 L2;
-    MNIST: 0.3 Linf, 2 L2), else at the largest radius every model has (marked *). Each radius
+    ranked by robust accuracy at the radius marked *: the data set's standard one (CIFAR-10: 8/255
+    Linf, 0.5 L2; MNIST: 0.3 Linf, 2 L2), else the largest radius every model has. Each radius
     column is the worst case over every attack stored there, followed by the attack that gave it;
-    RobustBench reports AutoAttack, whose own accuracy gets a column when it ran. Accuracy in %.
+    RobustBench reports AutoAttack, whose own accuracy gets a column (AA) when it ran. Accuracy in %.
 
-    \b
     The terminal table leaves out an n column that every row shares (the title gives n) and an
     all-empty defense column; on a narrow terminal it drops, in this order: the attack names
     after the numbers (those at the ranking radius last), then radii other than the ranking one

@@ -3,8 +3,8 @@
     robustkit leaderboard --format html --output board.html
     python scripts/screenshot_leaderboard.py board.html board.png      # prints the PNG path and the page width
 
-The page must fit a 1,400-pixel window (no horizontal scrolling) with its raw rows closed and
-opened; the script exits 1 when it does not, or when the screenshot is blank.
+The page must fit a 1,400-pixel window (no horizontal scrolling) with its raw rows and configs
+closed and opened; the script exits 1 when it does not, or when the screenshot is blank.
 tests/test_leaderboard_view.py runs it when Chromium is on PATH. Needs Debian's chromium package
 (`apt-get install -y chromium`, /usr/bin/chromium); the page is self-contained, Chromium gets no
 network (the flags below turn its background traffic off).
@@ -32,7 +32,7 @@ const right = () => Math.max(document.documentElement.scrollWidth,
 const content = () => Math.max(0, ...Array.from(document.querySelectorAll("table"))
   .map(t => Math.ceil(t.getBoundingClientRect().right)));
 const closed = right(), closedContent = content();
-document.querySelectorAll("details.raw").forEach(d => d.open = true);
+document.querySelectorAll("details").forEach(d => d.open = true);
 document.body.setAttribute("data-scroll-width", Math.max(closed, right()));
 document.body.setAttribute("data-content-width", Math.max(closedContent, content()));
 </script>"""

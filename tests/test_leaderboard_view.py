@@ -125,8 +125,8 @@ def test_nan_rows_and_groups_per_dataset_and_norm() -> None:
     rows = [row(robust=float("nan")), row(attack="fgsm", robust=0.4, config={}), row(norm="l2", eps=0.5),
             row(dataset="mnist", eps=0.3)]
     groups = ranked.build_groups(rows, standard)
-    assert [(g.dataset, g.norm) for g in groups] == [("cifar10", "l2"), ("cifar10", "linf"), ("mnist", "linf")]
-    assert groups[1].entries[0].cells["8/255"] == ranked.Cell(0.4, "fgsm")
+    assert [(g.dataset, g.norm) for g in groups] == [("cifar10", "linf"), ("cifar10", "l2"), ("mnist", "linf")]
+    assert groups[0].entries[0].cells["8/255"] == ranked.Cell(0.4, "fgsm")
 
 
 def test_extra_columns_hook() -> None:

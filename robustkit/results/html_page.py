@@ -39,7 +39,9 @@ th[data-order="desc"]::after { content: " \\25BC"; }
 details.raw { margin-top: 2em; }
 details.raw > summary { font-size: 1.1em; font-weight: 600; cursor: pointer; }
 td details summary { cursor: pointer; color: #2563eb; }
-td pre { margin: 0.3em 0; font-size: 0.85em; max-width: 34em; white-space: pre-wrap; overflow-wrap: anywhere; }
+table.raw td { white-space: nowrap; }
+h3 { font-size: 1em; margin: 1.2em 0 0.3em; }
+td pre { margin: 0.3em 0; font-size: 0.85em; max-width: 30em; white-space: pre; overflow-x: auto; }
 #controls { margin: 0.8em 0; }
 """
 
@@ -68,9 +70,10 @@ function applyFilter() {
   const text = document.getElementById("filter").value.toLowerCase();
   const wanted = Array.from(document.querySelectorAll("select[data-attr]")).map(s => [s.dataset.attr, s.value]);
   document.querySelectorAll("[data-dataset]").forEach(e => {
-    const ok = wanted.every(([a, v]) => v === "" || e.dataset[a] === v)
-      && (!e.matches("tr") || e.textContent.toLowerCase().includes(text));
-    e.style.display = ok ? "" : "none";
+    e.style.display = wanted.every(([a, v]) => v === "" || e.dataset[a] === v) ? "" : "none";
+  });
+  document.querySelectorAll("tbody tr").forEach(r => {
+    r.style.display = r.textContent.toLowerCase().includes(text) ? "" : "none";
   });
 }
 document.querySelectorAll("#controls input, #controls select").forEach(e => e.addEventListener("input", applyFilter));
@@ -129,8 +132,7 @@ def _group_table(group: Group) -> str:
             value = e.extras.get(c.name)
             cells.append(_td(extra_text(c, value), cls="num", value=value if isinstance(value, float) else None))
         row_cls = ' class="random"' if e.random_weights else ""
-        body.append(f'<tr{row_cls} data-dataset="{_e(group.dataset)}" data-norm="{_e(group.norm)}">'
-                    + "".join(cells) + "</tr>")
+        body.append(f"<tr{row_cls}>" + "".join(cells) + "</tr>")
     return (f'<table class="sortable ranked"><thead><tr>{"".join(heads)}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
 
@@ -140,12 +142,26 @@ def _json_details(label: str, value: Any) -> str:
     return f"<details><summary>{_e(label)}</summary><pre>{_e(pretty)}</pre></details>"
 
 
-def raw_table(rows: Sequence[ResultRow]) -> str:
-    """Every stored row: who (model, defense, checkpoint), where (data, norm, eps), the attack's
-    label, accuracies in %, points, seed, seconds, and the config and extra as formatted JSON."""
+def raw_tables(rows: Sequence[ResultRow], order: Sequence[tuple[str, str]] = ()) -> str:
+    """Every stored row, one table per data set and norm (in ``order`` first, e.g. the ranked
+    view's), rows as stored: by eps, best first."""
     labels = attack_labels(rows)
-    heads = ["model", "defense", "checkpoint", "data", "norm", "eps", "attack", "clean", "robust", "n", "seed",
-             "seconds", "run", "config"]
+    groups: dict[tuple[str, str], list[ResultRow]] = {key: [] for key in order}
+    for r in rows:
+        groups.setdefault((r.dataset, r.norm), []).append(r)
+    return "\n".join(
+        f'<section data-dataset="{_e(dataset)}" data-norm="{_e(norm)}"><h3 title="{_e(dataset)}">'
+        f"{_e(_short_dataset(dataset))} · {_e(norm)} · {len(group)} rows</h3>{raw_table(group, labels)}</section>"
+        for (dataset, norm), group in groups.items() if group)
+
+
+def raw_table(rows: Sequence[ResultRow], labels: dict[int, str] | None = None) -> str:
+    """Stored rows: who (model, defense, checkpoint), the radius, the attack's label, accuracies
+    in %, points, seed, seconds, when (device and versions in the tooltip), and the config and
+    extra as formatted JSON."""
+    labels = labels if labels is not None else attack_labels(rows)
+    heads = ["model", "defense", "checkpoint", "eps", "attack", "clean", "robust", "n", "seed", "seconds", "run",
+             "config"]
     numeric = {"eps", "clean", "robust", "n", "seed", "seconds"}
     head = "".join(f'<th class="num">{h}</th>' if h in numeric else f"<th>{h}</th>" for h in heads)
     body = []
@@ -154,16 +170,16 @@ def raw_table(rows: Sequence[ResultRow]) -> str:
         when = f"{r.timestamp} · {r.device} · robustkit {r.robustkit_version} · torch {r.torch_version}"
         cells = [_td(r.model), _td(r.defense or "-"),
                  _checkpoint_cell(checkpoint_label(r), r.checkpoint_sha256, random),
-                 _td(_short_dataset(r.dataset), title=r.dataset), _td(r.norm),
                  _td(eps_str(r.eps), cls="num", value=float(r.eps)), _td(labels[id(r)]),
                  _td(percent(r.clean_acc), cls="num", value=r.clean_acc),
                  _td(percent(r.robust_acc), cls="num", value=r.robust_acc),
                  _td(str(r.n_examples), cls="num", value=r.n_examples), _td(str(r.seed), cls="num", value=r.seed),
                  _td(f"{r.seconds:.1f}", cls="num", value=r.seconds),
-                 _td(r.timestamp[:16].replace("T", " "), title=when),
-                 _td(_json_details("attack config", r.attack_config) + _json_details("extra", r.extra), raw=True)]
+                 _td(r.timestamp[5:16].replace("T", " "), title=when),
+                 _td(_json_details("attack config", r.attack_config) + _json_details("extra", r.extra), raw=True,
+                     cls="json")]
         row_cls = ' class="random"' if random else ""
-        body.append(f'<tr{row_cls} data-dataset="{_e(r.dataset)}" data-norm="{_e(r.norm)}">' + "".join(cells) + "</tr>")
+        body.append(f"<tr{row_cls}>" + "".join(cells) + "</tr>")
     return f'<table class="sortable raw"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
@@ -202,10 +218,10 @@ def ranked_page(groups: Sequence[Group], rows: Sequence[ResultRow], title: str =
         parts.append(f'<section data-dataset="{_e(g.dataset)}" data-norm="{_e(g.norm)}">'
                      f'<h2 title="{_e(g.dataset)}">{_e(heading)}</h2>{_group_table(g)}</section>')
     parts.append(f'<details class="raw"><summary>All {len(rows)} rows (every attack and configuration)</summary>'
-                 f"{raw_table(rows)}</details>")
+                 f"{raw_tables(rows, [(g.dataset, g.norm) for g in groups])}</details>")
     return _page(title, "\n".join(parts))
 
 
 def raw_page(rows: Sequence[ResultRow], title: str = "robustkit leaderboard: all rows") -> str:
     """``--rows --format html``: the raw rows only, sortable and filterable."""
-    return _page(title, f"<h1>{_e(title)}</h1>\n{_controls(rows)}\n{raw_table(rows)}")
+    return _page(title, f"<h1>{_e(title)}</h1>\n{_controls(rows)}\n{raw_tables(rows)}")

@@ -132,7 +132,13 @@ def build_groups(
         key = (row.model, row.defense, row.checkpoint_sha256, is_random_weights(row), row.n_examples)
         by_group[(row.dataset, row.norm)][key].append(row)
     groups = []
-    for (dataset, norm), entries in sorted(by_group.items()):
+    per_dataset: dict[str, int] = defaultdict(int)
+    for (dataset, _), entries in by_group.items():
+        per_dataset[dataset] += len(entries)
+    norms = {"linf": 0, "l2": 1, "l1": 2}
+    # the data set with the most models first, Linf before L2 (RobustBench's order)
+    for (dataset, norm), entries in sorted(by_group.items(), key=lambda kv: (-per_dataset[kv[0][0]], kv[0][0],
+                                                                              norms.get(kv[0][1], 9), kv[0][1])):
         models = sorted({k[0] for k in entries})
         standard = standard_eps(dataset, norm, models) if standard_eps else None
         ranking, is_standard = _ranking_eps(entries, standard)

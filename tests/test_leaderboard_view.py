@@ -192,7 +192,7 @@ def test_narrow_terminal_drops_radii_in_order(capsys: pytest.CaptureFixture, db:
     monkeypatch.setattr(cli_leaderboard, "out", Console(width=60))
     code, out, _ = run(capsys, "leaderboard", "--db", db)
     assert code == 0 and max(map(len, out.splitlines())) <= 60, out
-    assert "8/255 *" in out and "2/255" not in out.split("┃", 1)[1] and "radii left out" in " ".join(out.split())
+    assert "8/255 *" in out and "2/255" not in out.split("┃", 1)[1] and "radius left out" in " ".join(out.split())
 
 
 def test_rows_view_tells_every_row_apart(capsys: pytest.CaptureFixture, db: str) -> None:

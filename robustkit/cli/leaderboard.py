@@ -193,7 +193,8 @@ def _ranked_table(group: Group, drop: int) -> Table:
         note = f"AA: AutoAttack's robust accuracy at {group.ranking_eps}; " + note
     note += ", attack after it" if drop == 0 else " (attack after it at *)" if drop == 1 else ""
     if len(eps) < len(group.eps):
-        note += f"; {len(group.eps) - len(eps)} radii left out (narrow terminal)"
+        left = len(group.eps) - len(eps)
+        note += f"; {left} {'radius' if left == 1 else 'radii'} left out (narrow terminal: --format md or html)"
     table = Table(title=group.title, title_justify="left", caption=note, caption_justify="left")
     for head in heads:
         number = head in ("#", "n", "clean") or head[:1].isdigit() or head == "AA"

@@ -16,7 +16,7 @@ from robustkit.cli.console import err, out
 
 if TYPE_CHECKING:
     from robustkit.results.leaderboard import ResultRow
-    from robustkit.results.ranked import Group
+    from robustkit.results.ranked import ExtraColumn, Group
 
 VIEW_FORMATS = ("table", "csv", "md", "json", "html")
 
@@ -96,6 +96,13 @@ def standard_eps(dataset: str, norm: str, models: Sequence[str]) -> float | None
     return found if found is not None else rb.benchmark_eps(name, norm)
 
 
+def extra_columns(rows: list[ResultRow]) -> list[ExtraColumn]:
+    """Per-model columns added to the ranked view and all its exports (the hook for curve summaries,
+    e.g. the median minimum-norm distance or the accuracy at standard radii): none yet. Each is a
+    ``robustkit.results.ranked.ExtraColumn(name, value(rows of one model entry), percent)``."""
+    return []
+
+
 def _write(text: str, output: str | None, what: str) -> None:
     if output is None:
         click.echo(text, nl=not text.endswith("\n"))
@@ -111,7 +118,7 @@ def _write(text: str, output: str | None, what: str) -> None:
 def _ranked_view(rows: list[ResultRow], fmt: str, output: str | None) -> None:
     from robustkit.results import ranked
 
-    groups = ranked.build_groups(rows, standard_eps)
+    groups = ranked.build_groups(rows, standard_eps, extra_columns(rows))
     what = f"the ranked view ({sum(len(g.entries) for g in groups)} models)"
     if fmt == "table" and output is None:
         if not groups:

@@ -253,3 +253,10 @@ def test_html_page_in_headless_chromium(tmp_path: Path) -> None:
     assert dom.count("<tr") == 4 + 1 + len(rows) + 1
     png = shot.screenshot(page, tmp_path / "board.png")
     assert shot.is_blank(png) is False
+
+
+def test_cli_extra_columns_hook(capsys: pytest.CaptureFixture, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    column = ranked.ExtraColumn("attacks", lambda rs: len({r.attack for r in rs}))
+    monkeypatch.setattr(cli_leaderboard, "extra_columns", lambda rows: [column])
+    code, out, _ = run(capsys, "leaderboard", "--db", db, "--format", "csv")
+    assert code == 0 and [r["attacks"] for r in csv.DictReader(io.StringIO(out))] == ["1", "3", "2", "1"]

@@ -104,6 +104,10 @@ def test_ranked_view_worst_case_autoattack_and_order() -> None:
     assert aaa.cells["8/255"].attack.startswith("square") and "2/255" not in aaa.cells
     random = entries[("resnet20", "", "random weights")]
     assert random.random_weights
+    # a row of the same random model without the warning (e.g. derived from a curve) joins its entry
+    (again,) = [e for e in ranked.build_groups([*cifar_rows(), row(attack="fmn", sha="", config={})], standard)[0]
+                .entries if e.checkpoint == "random weights"]
+    assert again.cells["8/255"].robust_acc == 0.0 and len(ranked.build_groups(cifar_rows(), standard)[0].entries) == 4
     # ranked by robust accuracy at 8/255 (ties by clean accuracy), best first
     assert [(e.rank, e.model, e.defense) for e in group.entries][:2] == [(1, "resnet20", "aaa"), (2, "resnet4b", "")]
     accs = [e.cells["8/255"].robust_acc for e in group.entries]

@@ -26,7 +26,14 @@ from typing import Any
 
 import pandas as pd
 
-from robustkit.results.labels import AGGREGATES, SHA_CHARS, attack_labels, checkpoint_label, is_random_weights
+from robustkit.results.labels import (
+    AGGREGATES,
+    RANDOM_WEIGHTS,
+    SHA_CHARS,
+    attack_labels,
+    checkpoint_label,
+    is_random_weights,
+)
 from robustkit.results.leaderboard import ResultRow
 from robustkit.units import eps_str
 
@@ -129,7 +136,8 @@ def build_groups(
     labels = attack_labels(rows)
     by_group: dict[tuple[str, str], dict[tuple, list[ResultRow]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        key = (row.model, row.defense, row.checkpoint_sha256, is_random_weights(row), row.n_examples)
+        # rows without the random-weights warning (e.g. derived from a curve) join their checkpoint's entry
+        key = (row.model, row.defense, row.checkpoint_sha256, row.n_examples)
         by_group[(row.dataset, row.norm)][key].append(row)
     groups = []
     per_dataset: dict[str, int] = defaultdict(int)
@@ -144,9 +152,11 @@ def build_groups(
         ranking, is_standard = _ranking_eps(entries, standard)
         eps_values = {eps_str(r.eps): float(r.eps) for rows_ in entries.values() for r in rows_}
         built = []
-        for (model, defense, sha, _, n), entry_rows in entries.items():
+        for (model, defense, sha, n), entry_rows in entries.items():
+            random = any(is_random_weights(r) for r in entry_rows)
             # a file name, where some row records it, reads better than the hash
-            ckpt = min((checkpoint_label(r) for r in entry_rows), key=lambda label: label == sha[:SHA_CHARS])
+            ckpt = RANDOM_WEIGHTS if random else min((checkpoint_label(r) for r in entry_rows),
+                                                     key=lambda label: label == sha[:SHA_CHARS])
             by_eps: dict[str, list[ResultRow]] = defaultdict(list)
             for r in entry_rows:
                 by_eps[eps_str(r.eps)].append(r)
@@ -156,7 +166,7 @@ def build_groups(
             built.append(Entry(
                 model=model, defense=defense, checkpoint=ckpt, checkpoint_sha256=sha, n_examples=n,
                 clean_acc=min(cleans) if cleans else math.nan,
-                random_weights=any(is_random_weights(r) for r in entry_rows), cells=cells,
+                random_weights=random, cells=cells,
                 autoattack=min(aa) if aa else None,
                 extras={c.name: c.value(entry_rows) for c in extra_columns},
             ))

@@ -3,6 +3,8 @@ red sentence with the right exit code and no traceback."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -75,14 +77,14 @@ def test_default_eval_writes_a_row_then_reports_it_exists(capsys: pytest.Capture
     code, out, _ = run(capsys, "eval", "--db", db, "--quiet", "--n-examples", "100")
     assert code == 0
     assert "digits-cnn" in out and "clean acc" in out and "robust acc" in out
-    code, out, _ = run(capsys, "leaderboard", "--db", db, "--format", "json")
+    code, out, _ = run(capsys, "leaderboard", "--db", db, "--format", "json", "--rows")
     rows = json.loads(out)
     assert len(rows) == 1 and rows[0]["attack"] == "pgd" and rows[0]["n_examples"] == 100
     assert 0.9 <= rows[0]["clean_acc"] <= 1.0 and rows[0]["robust_acc"] < rows[0]["clean_acc"]
     code, out, err = run(capsys, "eval", "--db", db, "--quiet", "--n-examples", "100")
     assert code == 0 and "already in the leaderboard" in " ".join(err.split())
     code, out, _ = run(capsys, "eval", "--db", db, "--quiet", "--n-examples", "100", "--overwrite")
-    code, out, _ = run(capsys, "leaderboard", "--db", db, "--format", "csv")
+    code, out, _ = run(capsys, "leaderboard", "--db", db, "--format", "csv", "--rows")
     assert len(out.strip().splitlines()) == 2  # header + the one row, not duplicated
 
 
@@ -228,12 +230,17 @@ def test_leaderboard_exports_have_the_same_rows(capsys: pytest.CaptureFixture, d
     )
     for fmt, count in (("csv", 4), ("md", 5)):  # header (+ md rule) + fgsm, pgd, worst-case
         out_file = tmp_path / f"board.{fmt}"
-        code, _, _ = run(capsys, "leaderboard", "--db", db, "--format", fmt, "--output", str(out_file))
+        code, _, _ = run(capsys, "leaderboard", "--db", db, "--format", fmt, "--output", str(out_file), "--rows")
         assert code == 0 and len(out_file.read_text().strip().splitlines()) == count
-    code, out, _ = run(capsys, "leaderboard", "--db", db, "--format", "html")
+    code, out, _ = run(capsys, "leaderboard", "--db", db, "--format", "html", "--rows")
     assert code == 0 and out.count("<tr") >= 4
-    code, out, _ = run(capsys, "leaderboard", "--db", db)
+    code, out, _ = run(capsys, "leaderboard", "--db", db, "--rows")
     assert code == 0 and "fgsm" in out and "pgd" in out
+    # the default view ranks the model: one row, its worst case and the attack that gave it
+    code, out, _ = run(capsys, "leaderboard", "--db", db, "--format", "csv")
+    (ranked_row,) = list(csv.DictReader(io.StringIO(out)))
+    assert ranked_row["model"] == "digits-cnn" and ranked_row["rank"] == "1"
+    assert ranked_row["attack@0.1"] in ("fgsm", "pgd-3", "worst-case")
 
 
 def test_a_model_without_weights_is_flagged(capsys: pytest.CaptureFixture, db: str) -> None:

@@ -74,10 +74,18 @@ def test_grid_two_models_two_attacks_two_eps_worst_case(capsys: pytest.CaptureFi
     assert acc[("resnet4b", "worst-case")] > acc[("resnet20", "worst-case")]
     # exports hold the same rows
     for fmt, extra_lines in (("csv", 1), ("md", 2)):
-        code, text, _ = cli(capsys, "leaderboard", "--db", db, "--format", fmt)
+        code, text, _ = cli(capsys, "leaderboard", "--db", db, "--format", fmt, "--rows")
         assert len(text.strip().splitlines()) == 12 + extra_lines
-    code, text, _ = cli(capsys, "leaderboard", "--db", db, "--format", "json")
+    code, text, _ = cli(capsys, "leaderboard", "--db", db, "--format", "json", "--rows")
     assert len(json.loads(text)) == 12
+    # the ranked view: one row per model, resnet4b (robust) first at the standard radius 8/255
+    code, text, _ = cli(capsys, "leaderboard", "--db", db, "--format", "json")
+    (group,) = json.loads(text)
+    assert group["ranking_eps"] == "8/255" and group["standard_eps"]
+    assert [r["model"] for r in group["rows"]] == ["resnet4b", "resnet20"]
+    for r in group["rows"]:
+        cell = {x["attack"]: x for x in rows if x["model"] == r["model"] and abs(x["eps"] - 8 / 255) < 1e-9}
+        assert r["robust"]["8/255"]["robust_acc"] == cell["worst-case"]["robust_acc"]
 
 
 def test_config_round_trip(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
@@ -393,7 +401,7 @@ def test_html_export_renders_in_headless_chromium(capsys: pytest.CaptureFixture,
     db = str(tmp_path / "b.db")
     cli(capsys, "eval", "--db", db, "--quiet", "--n-examples", "30", "--attack", "fgsm,pgd", "--eps", "0.1")
     page = tmp_path / "board.html"
-    cli(capsys, "leaderboard", "--db", db, "--format", "html", "--output", str(page))
+    cli(capsys, "leaderboard", "--db", db, "--format", "html", "--output", str(page), "--rows")
     dom = shot.dump_dom(page)
     assert dom.count("<tr") == 4 and "worst-case" in dom and "<details>" in dom
     png = shot.screenshot(page, tmp_path / "board.png")

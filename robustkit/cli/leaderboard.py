@@ -1,10 +1,14 @@
-"""`robustkit leaderboard`: show or export the results store, or compare it with RobustBench."""
+"""`robustkit leaderboard`: the ranked view (default), the raw rows (--rows), exports, and the
+comparison with RobustBench."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import click
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -12,14 +16,20 @@ from robustkit.cli.console import err, out
 
 if TYPE_CHECKING:
     from robustkit.results.leaderboard import ResultRow
+    from robustkit.results.ranked import ExtraColumn, Group
+
+VIEW_FORMATS = ("table", "csv", "md", "json", "html")
 
 
 @click.command("leaderboard")
 @click.option(
     "--format", "fmt", default="table", show_default=True,
-    type=click.Choice(["table", "csv", "md", "json", "html", "robustbench"]),
-    help="robustbench: one RobustBench model-info JSON per model, into the folder --output.",
+    type=click.Choice([*VIEW_FORMATS, "robustbench"]),
+    help="Export the view shown (the ranked one, or --rows); robustbench: one RobustBench model-info JSON "
+         "per model, into the folder --output.",
 )
+@click.option("--rows", "raw", is_flag=True,
+              help="Every stored row (one per model, checkpoint, eps, attack and config) instead of the ranked view.")
 @click.option("--output", type=click.Path(), help="Write to this file (a folder for robustbench) instead of stdout.")
 @click.option("--compare", "compare_with", type=click.Path(),
               help="Show robustkit's numbers beside those of RobustBench model-info JSON (a file or a folder).")
@@ -28,45 +38,215 @@ if TYPE_CHECKING:
 @click.option("--model", help="Only rows of this model.")
 @click.option("--db", type=click.Path(dir_okay=False), help="Leaderboard file (default ~/.robustkit/leaderboard.db).")
 def leaderboard_cmd(
-    fmt: str, output: str | None, compare_with: str | None, dataset: str | None, norm: str | None,
+    fmt: str, raw: bool, output: str | None, compare_with: str | None, dataset: str | None, norm: str | None,
     model: str | None, db: str | None
 ) -> None:
-    """Show or export the leaderboard, or compare it with RobustBench's numbers.
+    """Show the leaderboard ranked like RobustBench's, export it, or compare it with RobustBench.
+
+    Per data set and norm, one row per model (with its defense, checkpoint and number of points),
+    ranked by robust accuracy at the radius marked *: the data set's standard one (CIFAR-10: 8/255
+    Linf, 0.5 L2; MNIST: 0.3 Linf, 2 L2), else the largest radius every model has. Each radius
+    column is the worst case over every attack stored there, followed by the attack that gave it;
+    RobustBench reports AutoAttack, whose own accuracy gets a column (AA) when it ran. Accuracy in %.
+
+    The terminal table leaves out an n column that every row shares (the title gives n) and an
+    all-empty defense column; on a narrow terminal it drops, in this order: the attack names
+    after the numbers (those at the ranking radius last), then radii other than the ranking one
+    (smallest first), then wraps model names. The raw rows (--rows) drop seconds, then an
+    all-empty defense column, then wrap the attack labels. The exports (--format) always hold every column.
 
     \b
     Examples:
       robustkit leaderboard
-      robustkit leaderboard --format csv --output results.csv --dataset cifar10
-      robustkit leaderboard --format md --norm linf
+      robustkit leaderboard --dataset cifar10 --norm linf
+      robustkit leaderboard --rows --model resnet20          # every stored row
+      robustkit leaderboard --format html --output board.html
+      robustkit leaderboard --format csv --output ranked.csv
+      robustkit leaderboard --rows --format csv --output results.csv
       robustkit leaderboard --format robustbench --output model_info
       robustkit leaderboard --compare robustbench/model_info/cifar10/Linf
     """
-    from robustkit.results.leaderboard import Leaderboard, export
+    from robustkit.results.leaderboard import Leaderboard
 
     board = Leaderboard(db, create=False)
+    rows = board.rows(dataset=dataset, norm=norm, model=model)
     if fmt == "robustbench" or compare_with is not None:
-        _robustbench_leaderboard(board.rows(dataset=dataset, norm=norm, model=model), fmt, output, compare_with)
+        _robustbench_leaderboard(rows, fmt, output, compare_with)
         return
-    frame = board.frame(dataset=dataset, norm=norm, model=model)
-    if fmt == "table" and output is None:
-        cols = ["model", "dataset", "norm", "eps_str", "attack", "clean_acc", "robust_acc", "n_examples"]
-        table = Table(title=f"leaderboard ({len(frame)} rows)")
-        for c in cols:
-            table.add_column(c, justify="right" if frame[c].dtype.kind in "fi" else "left")
-        for _, r in frame[cols].iterrows():
-            table.add_row(
-                *(
-                    f"{100 * v:.2f}%" if c.endswith("_acc") else f"{v:.1f}" if c == "seconds" else str(v)
-                    for c, v in r.items()
-                )
-            )
-        out.print(table)
-        return
-    text = export(frame, fmt, output)
-    if output is None:
-        click.echo(text)
+    if raw:
+        _raw_view(board, rows, fmt, output, dataset, norm, model)
     else:
-        err.print(Text(f"Wrote {len(frame)} rows to {output}."))
+        _ranked_view(rows, fmt, output)
+
+
+def standard_eps(dataset: str, norm: str, models: Sequence[str]) -> float | None:
+    """The data set's standard radius: RobustBench's (CIFAR-10/100, ImageNet), else the papers' one
+    robustkit eval uses (MNIST); images from a file (npz:) count as the data set their models are
+    built for. Imports the model registry (torch) lazily: only the ranked view needs it."""
+    from robustkit.evaluation.grid import STANDARD_EPS, default_dataset  # torch: lazily, only here
+    from robustkit.models import robustbench as rb
+
+    name = dataset.lower()
+    if name.startswith("npz:"):
+        built_for = {default_dataset(m) for m in models}
+        if len(built_for) != 1:
+            return None
+        name = built_for.pop()
+    found = STANDARD_EPS.get((name, norm))
+    return found if found is not None else rb.benchmark_eps(name, norm)
+
+
+def extra_columns(rows: list[ResultRow]) -> list[ExtraColumn]:
+    """Per-model columns added to the ranked view and all its exports (the hook for curve summaries,
+    e.g. the median minimum-norm distance or the accuracy at standard radii): none yet. Each is a
+    ``robustkit.results.ranked.ExtraColumn(name, value(rows of one model entry), percent)``."""
+    return []
+
+
+def _write(text: str, output: str | None, what: str) -> None:
+    if output is None:
+        click.echo(text, nl=not text.endswith("\n"))
+        return
+    from robustkit.paths import check_file, make_dir
+
+    path = check_file(output, "--output")
+    make_dir(path.parent, "--output")
+    path.write_text(text, encoding="utf-8")
+    err.print(Text(f"Wrote {what} to {output}."))
+
+
+def _ranked_view(rows: list[ResultRow], fmt: str, output: str | None) -> None:
+    from robustkit.results import ranked
+
+    groups = ranked.build_groups(rows, standard_eps, extra_columns(rows))
+    what = f"the ranked view ({sum(len(g.entries) for g in groups)} models)"
+    if fmt == "table" and output is None:
+        if not groups:
+            out.print("No rows in the leaderboard match the filters.")
+        for group in groups:
+            out.print(_fit(lambda drop, g=group: _ranked_table(g, drop), 2 + len(group.eps), out.width))
+        return
+    if fmt == "html":
+        from robustkit.results.html_page import ranked_page
+
+        text = ranked_page(groups, rows)
+    elif fmt == "json":
+        text = json.dumps(ranked.to_records(groups), indent=2) + "\n"
+    elif fmt == "md":
+        text = ranked.to_markdown(groups)
+    elif fmt == "csv":
+        text = ranked.to_frame(groups).to_csv(index=False)
+    else:  # "table" into a file: the tables as the terminal shows them, 120 columns, no colour
+        import io
+
+        from rich.console import Console
+
+        console = Console(file=io.StringIO(), width=120, color_system=None)
+        for group in groups:
+            console.print(_fit(lambda drop, g=group: _ranked_table(g, drop), 2 + len(group.eps), 120))
+        text = console.file.getvalue()  # type: ignore[attr-defined]
+    _write(text, output, what)
+
+
+def _raw_view(board: object, rows: list[ResultRow], fmt: str, output: str | None,
+              dataset: str | None, norm: str | None, model: str | None) -> None:
+    from robustkit.results.leaderboard import export
+
+    if fmt == "table" and output is None:
+        if not rows:
+            out.print("No rows in the leaderboard match the filters.")
+        for table in _raw_tables(rows):
+            out.print(table)
+        return
+    if fmt == "html":
+        from robustkit.results.html_page import raw_page
+
+        _write(raw_page(rows), output, f"{len(rows)} rows")
+        return
+    frame = board.frame(dataset=dataset, norm=norm, model=model)  # type: ignore[attr-defined]
+    text = export(frame, fmt, None)
+    _write(text, output, f"{len(frame)} rows")
+
+
+# -- terminal tables ------------------------------------------------------------------------------
+
+def _fit(build: Callable[[int], Table], steps: int, width: int) -> Table:
+    """The first of ``build(0)``, ``build(1)``, ... ``build(steps)`` (each dropping one more thing)
+    that fits ``width`` columns; the last one otherwise (rich then wraps its cells)."""
+    from robustkit.cli.console import out as console
+
+    for drop in range(steps + 1):
+        table = build(drop)
+        if Measurement.get(console, console.options.update(width=10_000), table).maximum <= width:
+            return table
+    return table
+
+
+def _ranked_table(group: Group, drop: int) -> Table:
+    """``drop``: 0 everything, 1 the attack name only at the ranking radius, 2 no attack names, 3+ also
+    radii other than the ranking one (smallest first, one more per step). An n column every row
+    shares and an all-empty defense column are left out."""
+    from robustkit.results.ranked import text_rows
+
+    eps = list(group.eps)
+    for _ in range(max(0, drop - 2)):
+        others = [e for e in eps if e != group.ranking_eps]
+        if others:
+            eps.remove(others[0])
+    marks = True if drop == 0 else [group.ranking_eps] if drop == 1 else False
+    heads, lines = text_rows(group, marks=marks, eps=eps, compact=True, autoattack_head="AA")
+    note = "* ranking radius; each radius: the worst case over its attacks"
+    if group.has_autoattack:
+        note = f"AA: AutoAttack's robust accuracy at {group.ranking_eps}; " + note
+    note += ", attack after it" if drop == 0 else " (attack after it at *)" if drop == 1 else ""
+    if len(eps) < len(group.eps):
+        left = len(group.eps) - len(eps)
+        note += f"; {left} {'radius' if left == 1 else 'radii'} left out (narrow terminal: --format md or html)"
+    table = Table(title=group.title, title_justify="left", caption=note, caption_justify="left")
+    for head in heads:
+        number = head in ("#", "n", "clean") or head[:1].isdigit() or head == "AA"
+        table.add_column(head, justify="right" if number else "left", no_wrap=head != "model")
+    for entry, line in zip(group.entries, lines, strict=True):
+        table.add_row(*line, style="yellow" if entry.random_weights else None)
+    return table
+
+
+def _raw_tables(rows: list[ResultRow]) -> list[Table]:
+    """``--rows``: one table per data set and norm; each row with its defense, checkpoint and attack label."""
+    from itertools import groupby
+
+    from robustkit.results.labels import attack_labels, checkpoint_label, is_random_weights
+    from robustkit.results.ranked import percent
+    from robustkit.units import eps_str
+
+    labels = attack_labels(rows)
+    tables = []
+    for (dataset, norm), group in groupby(rows, key=lambda r: (r.dataset, r.norm)):
+        group = list(group)
+
+        def build(drop: int, group: list[ResultRow] = group, dataset: str = dataset, norm: str = norm) -> Table:
+            heads = ["model", "defense", "checkpoint", "eps", "attack", "clean", "robust", "n", "seconds"]
+            ns = {r.n_examples for r in group}
+            skip = {"n"} if len(ns) == 1 else set()
+            skip |= {"seconds"} if drop >= 1 else set()
+            if drop >= 2 and not any(r.defense for r in group):
+                skip.add("defense")
+            points = f" · {min(ns)} points" if len(ns) == 1 else ""
+            table = Table(title=f"{dataset} · {norm}{points} · {len(group)} rows", title_justify="left")
+            for h in heads:
+                if h not in skip:
+                    right = h in ("eps", "clean", "robust", "n", "seconds")
+                    table.add_column(h, justify="right" if right else "left", no_wrap=h not in ("model", "attack"))
+            for r in group:
+                values = {"model": r.model, "defense": r.defense or "-", "checkpoint": checkpoint_label(r),
+                          "eps": eps_str(r.eps), "attack": labels[id(r)], "clean": percent(r.clean_acc, 2),
+                          "robust": percent(r.robust_acc, 2), "n": str(r.n_examples), "seconds": f"{r.seconds:.1f}"}
+                table.add_row(*(values[h] for h in heads if h not in skip),
+                              style="yellow" if is_random_weights(r) else None)
+            return table
+
+        tables.append(_fit(build, 2, out.width))
+    return tables
 
 
 def _robustbench_leaderboard(rows: list[ResultRow], fmt: str, output: str | None, compare_with: str | None) -> None:
@@ -111,4 +291,3 @@ def _robustbench_leaderboard(rows: list[ResultRow], fmt: str, output: str | None
         table.add_row(*(f"{r[c]:+.2f}" if c.endswith("_diff") else f"{r[c]:.2f}" if c.endswith(("_acc", "_file"))
                         else str(r[c]) for c in heads))
     out.print(table)
-

@@ -162,6 +162,17 @@ def test_worst_case_includes_the_minimum_norm_attacks(capsys: pytest.CaptureFixt
     assert rows["worst-case"]["robust_acc"] <= min(rows["pgd"]["robust_acc"], rows["fmn"]["robust_acc"])
 
 
+def test_ranked_view_and_exports_show_the_median_distance(capsys: pytest.CaptureFixture, db: str) -> None:
+    ok(capsys, "eval", "--attack", "fmn,ddn", "--norm", "l2", "--eps", "0.5", "--db", db, *DIGITS)
+    medians = {c.attack: c.summary.median for c in rc.CurveStore(db).curves()}
+    best = min(medians, key=medians.get)
+    csv = ok(capsys, "leaderboard", "--db", db, "--format", "csv").splitlines()
+    header, (line,) = csv[0].split(","), csv[1:]
+    cell = dict(zip(header, line.split(",")))["median distance"]
+    assert cell == f"{medians[best]:.4g} ({best})"
+    assert "median distance" in ok(capsys, "leaderboard", "--db", db, "--format", "html")
+
+
 def test_optimality_report(capsys: pytest.CaptureFixture, db: str) -> None:
     ok(capsys, "eval", "--attack", "fmn,ddn,deepfool", "--norm", "l2", "--db", db, *DIGITS)
     table = json.loads(ok(capsys, "report", "optimality", "--db", db, "--format", "json"))

@@ -15,7 +15,7 @@ from rich.text import Text
 from robustkit.cli.console import err, out
 
 if TYPE_CHECKING:
-    from robustkit.results.leaderboard import ResultRow
+    from robustkit.results.leaderboard import Leaderboard, ResultRow
     from robustkit.results.ranked import ExtraColumn, Group
 
 VIEW_FORMATS = ("table", "csv", "md", "json", "html")
@@ -76,7 +76,7 @@ def leaderboard_cmd(
     if raw:
         _raw_view(board, rows, fmt, output, dataset, norm, model)
     else:
-        _ranked_view(rows, fmt, output)
+        _ranked_view(board, rows, fmt, output)
 
 
 def standard_eps(dataset: str, norm: str, models: Sequence[str]) -> float | None:
@@ -96,11 +96,28 @@ def standard_eps(dataset: str, norm: str, models: Sequence[str]) -> float | None
     return found if found is not None else rb.benchmark_eps(name, norm)
 
 
-def extra_columns(rows: list[ResultRow]) -> list[ExtraColumn]:
-    """Per-model columns added to the ranked view and all its exports (the hook for curve summaries,
-    e.g. the median minimum-norm distance or the accuracy at standard radii): none yet. Each is a
-    ``robustkit.results.ranked.ExtraColumn(name, value(rows of one model entry), percent)``."""
-    return []
+def extra_columns(board: Leaderboard) -> list[ExtraColumn]:
+    """Per-model columns added to the ranked view and all its exports: where minimum-norm attacks
+    stored robustness curves for a model entry (same model, checkpoint, defense, data, n, norm),
+    the smallest median distance over those curves and the attack that gave it."""
+    from robustkit.results.curves import CurveStore
+    from robustkit.results.ranked import ExtraColumn
+    curves = CurveStore(board, create=False).curves()
+    if not curves:
+        return []
+
+    def key(obj: object) -> tuple[object, ...]:
+        return tuple(getattr(obj, f) for f in ("model", "checkpoint_sha256", "defense", "dataset", "norm",
+                                               "n_examples"))
+
+    def median_distance(entry_rows: list[ResultRow]) -> str | None:
+        mine = [c for c in curves if key(c) == key(entry_rows[0]) and c.summary.median is not None]
+        if not mine:
+            return None
+        best = min(mine, key=lambda c: c.summary.median)
+        return f"{best.summary.median:.4g} ({best.attack})"
+
+    return [ExtraColumn("median distance", median_distance)]
 
 
 def _write(text: str, output: str | None, what: str) -> None:
@@ -115,10 +132,10 @@ def _write(text: str, output: str | None, what: str) -> None:
     err.print(Text(f"Wrote {what} to {output}."))
 
 
-def _ranked_view(rows: list[ResultRow], fmt: str, output: str | None) -> None:
+def _ranked_view(board: Leaderboard, rows: list[ResultRow], fmt: str, output: str | None) -> None:
     from robustkit.results import ranked
 
-    groups = ranked.build_groups(rows, standard_eps, extra_columns(rows))
+    groups = ranked.build_groups(rows, standard_eps, extra_columns(board))
     what = f"the ranked view ({sum(len(g.entries) for g in groups)} models)"
     if fmt == "table" and output is None:
         if not groups:

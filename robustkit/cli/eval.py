@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator
 
 import click
@@ -117,9 +118,12 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
 
 
 class _StageLines(logging.Handler):
-    """AutoAttack's per-stage lines on stderr (above the bars), as the reference prints them."""
+    """AutoAttack's per-stage lines on stderr (above the bars), as the reference prints them; on
+    rank 0 only under torchrun."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if int(os.environ.get("RANK", "0") or 0):
+            return
         err.print(Text(f"autoattack: {record.getMessage()}", style="cyan"), soft_wrap=True)
 
 

@@ -523,10 +523,15 @@ def wrap_defense(model: torch.nn.Module, name: str | None, kwargs: dict[str, Any
 
 def run_grid(spec: EvalSpec, *, db: str | Path | None = None, overwrite: bool = False,
              progress: CellProgress | None = None) -> list[CellReport]:
-    """Evaluate every cell of ``spec``; under torchrun only rank 0 gets the reports (others: [])."""
+    """Evaluate every cell of ``spec``; under torchrun only rank 0 gets the reports (others: []).
+    A ``progress`` with a ``plan`` method is shown the :class:`Grid` before any work (its data,
+    attacks and batch size: what the run will cost)."""
     started = dist.init_from_env(spec.device, timeout_s=spec.dist_timeout)
     try:
-        return Grid(spec, db=db, overwrite=overwrite).run(progress)
+        grid = Grid(spec, db=db, overwrite=overwrite)
+        if hasattr(progress, "plan"):
+            progress.plan(grid)  # type: ignore[union-attr]
+        return grid.run(progress)
     finally:
         if started:  # no barrier: a worker done with its batches leaves while rank 0 still merges
             dist.shutdown()

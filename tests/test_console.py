@@ -123,3 +123,25 @@ def test_training_to_a_file_prints_progress_lines_before_the_table(tmp_path: Pat
     assert len(steps) >= 4 and max(steps) < table, text
     assert re.search(r"epoch 1/2 done: .*elapsed", text), text
     assert "\x1b[" not in text
+
+
+def test_torchrun_shows_one_display_with_every_ranks_figures(tmp_path: Path) -> None:
+    """Two workers writing to one log: one cost line, progress lines from rank 0 only, and the last
+    one has the global figures (all 96 points; the robust accuracy of the table)."""
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "robustkit",
+           "eval", "--db", str(tmp_path / "lb.db"), "--n-examples", "96", "--batch-size", "16", "--attack", "pgd",
+           "--attack-kwargs", "steps=20", "--device", "cpu"]
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=600, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert text.count("96 points × 1 attack (pgd 20 steps)") == 1 and "on 2 workers" in text, text
+    lines = re.findall(r"eval digits-cnn linf eps=0\.1: (\d+)/96 points \(\d+%\)( \(2 workers\))?, (.*)", text)
+    assert lines and all(workers for _, workers, _ in lines), text  # rank 0's lines only
+    done, _, rest = lines[-1]
+    robust = re.search(r"robust (\d+\.\d)% of (\d+)", rest)
+    table = re.search(r"│ pgd\s+│\s+[\d.]+% │\s+([\d.]+)% │", text)
+    assert done == "96" and robust and robust.group(2) == "96" and table, text
+    assert abs(float(robust.group(1)) - float(table.group(1))) < 0.06, text

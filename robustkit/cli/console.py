@@ -186,6 +186,7 @@ class ProgressBars:
         self._last_draw = 0.0
         self._last_note = 0.0
         self.cells_done = 0
+        self._shown: tuple = ()
 
     # -- what the grid tells ---------------------------------------------------------------------------
     def plan(self, grid: Any) -> None:
@@ -215,6 +216,7 @@ class ProgressBars:
         """A batch is done (``done`` of ``total`` on this rank; 0 when the cell starts)."""
         with self.lock:
             if self._cell.get("label") != cell:
+                self._finish_cell()
                 self._cell = {"label": cell, "batches": total, "done": 0, "robust": 0, "evaluated": 0,
                               "started": time.monotonic(), "calls": 0, "finished": 0, "attack": None, "stage": None}
             c = self._cell
@@ -312,6 +314,9 @@ class ProgressBars:
             return
         if not self.enabled or not self._cell:
             return
+        if self.world > 1 and (force or time.monotonic() - self._last_note >= 0.5):  # rank 0: the others' notes
+            self._last_note = time.monotonic()
+            self._read_notes()
         done, robust, evaluated = self._figures()
         total = self.points or 1
         if self.lines:
@@ -322,7 +327,9 @@ class ProgressBars:
         status = ", ".join(filter(None, [self._what(short=not self.lines), acc]))
         label = self._cell["label"]
         if self.lines:
-            if self.clock.due(done / total) or force:
+            shown = (label, round(done), robust, evaluated, status)
+            if shown != self._shown and (self.clock.due(done / total) or force):
+                self._shown = shown
                 spent = time.monotonic() - self._cell["started"]
                 left = f", ~{_duration(spent * (total - done) / done)} left" if 0 < done < total else ""
                 ranks = f" ({self.world} workers)" if self.world > 1 else ""
@@ -352,19 +359,28 @@ class ProgressBars:
         except OSError:  # the display is best effort: rank 0 removed the folder at its end
             pass
 
+    def _read_notes(self) -> None:
+        others = {}
+        for r in range(1, self.world):
+            try:
+                others[r] = json.loads((self.notes / f"rank_{r:05d}.json").read_text())  # type: ignore[operator]
+            except (OSError, ValueError):
+                continue
+        self._others = others
+
     def _poll(self) -> None:
         """Rank 0: read the other ranks' notes once a second (also while it waits for their batches)."""
         while not self._stop.wait(1.0):
-            others = {}
-            for r in range(1, self.world):
-                try:
-                    others[r] = json.loads((self.notes / f"rank_{r:05d}.json").read_text())  # type: ignore[operator]
-                except (OSError, ValueError):
-                    continue
             with self.lock:
-                self._others = others
+                self._read_notes()
                 if self._cell:
                     self._show()
+
+    def _finish_cell(self) -> None:
+        """Rank 0 under torchrun, once a cell is merged (every rank posted): its global figures."""
+        if self._cell and self.world > 1 and self.rank == 0 and self.notes is not None:
+            self._read_notes()
+            self._show(force=True)
 
     def __enter__(self) -> ProgressBars:
         if self.enabled:
@@ -376,10 +392,12 @@ class ProgressBars:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._watch is not None:
-            self._watch.__exit__(None, None, None)
         if self._poller is not None:
             self._poller.join(timeout=2)
+        with self.lock:
+            self._finish_cell()
+        if self._watch is not None:
+            self._watch.__exit__(None, None, None)
         if self.notes is not None and self.rank == 0:
             import shutil
 

@@ -11,12 +11,15 @@ import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
+from rich.cells import cell_len
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 from rich.text import Text
 
 from robustkit.units import parse_eps
@@ -33,6 +36,44 @@ class EpsType(click.ParamType):
     def convert(self, value, param, ctx):  # noqa: ANN001
         return value if isinstance(value, float) else parse_eps(value)
 
+
+
+def fitted_table(title: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]], *, width: int,
+                 drop: Sequence[str] = (), text_min: int = 24) -> tuple[Table, list[str]]:
+    """A table that fits ``width`` terminal columns: ``columns`` are ``(header, kind)`` with kind
+    ``key`` (a name: never wrapped or cut), ``number`` (right-aligned, never wrapped) or ``text``
+    (wraps, at least ``text_min`` wide); columns named in ``drop`` are left out, in that order, until
+    the rest fits. Returns the table and the headers dropped (say so under the table)."""
+    keep = list(range(len(columns)))
+
+    def need(cols: list[int]) -> int:
+        total = 3 * len(cols) + 1  # borders and padding
+        for i in cols:
+            cells = [cell_len(columns[i][0])] + [max((cell_len(w) for w in str(r[i]).split()), default=0)
+                                                 if columns[i][1] == "text" else cell_len(str(r[i])) for r in rows]
+            widest = max(cells)
+            if columns[i][1] == "text":
+                widest = max(widest, min(text_min, max([cell_len(str(r[i])) for r in rows] + [0])))
+            total += widest
+        return total
+
+    dropped: list[str] = []
+    for name in drop:
+        if need(keep) <= width:
+            break
+        keep = [i for i in keep if columns[i][0] != name]
+        dropped.append(name)
+    table = Table(title=title)
+    for i in keep:
+        header, kind = columns[i]
+        longest = max([cell_len(header)] + [cell_len(str(r[i])) for r in rows])
+        if kind == "text":
+            table.add_column(header, overflow="fold")
+        else:
+            table.add_column(header, justify="right" if kind == "number" else "left", no_wrap=True, min_width=longest)
+    for r in rows:
+        table.add_row(*(r[i] if isinstance(r[i], Text) else Text(str(r[i])) for i in keep))
+    return table, dropped
 
 
 LINE_INTERVAL_S = 10.0  # plain progress lines: at most this long apart while work goes on (and every 10%)
@@ -187,6 +228,7 @@ class ProgressBars:
         self._last_note = 0.0
         self.cells_done = 0
         self._shown: tuple = ()
+        self._cost = ""
 
     # -- what the grid tells ---------------------------------------------------------------------------
     def plan(self, grid: Any) -> None:
@@ -204,10 +246,9 @@ class ProgressBars:
         if self.world > 1:
             self.notes = Path(grid.runs) / f"progress-{_launch_key()}"
             self.notes.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0 and self.enabled:
-            line = cost_line(self.points, attacks, cells=self.cells, num_classes=classes)
+        if self.rank == 0 and self.enabled:  # said when the first cell starts (its model loaded and checked)
             ranks = f" on {self.world} workers" if self.world > 1 else ""
-            err.print(Text(f"eval: {line}{ranks}.", style="cyan"), soft_wrap=True)
+            self._cost = f"eval: {cost_line(self.points, attacks, cells=self.cells, num_classes=classes)}{ranks}."
         if self.rank == 0 and self.world > 1 and self.enabled:
             self._poller = threading.Thread(target=self._poll, name="robustkit-progress", daemon=True)
             self._poller.start()
@@ -215,6 +256,9 @@ class ProgressBars:
     def __call__(self, cell: str, done: int, total: int, robust: int, evaluated: int) -> None:
         """A batch is done (``done`` of ``total`` on this rank; 0 when the cell starts)."""
         with self.lock:
+            if self._cost:
+                err.print(Text(self._cost, style="cyan"), soft_wrap=True)
+                self._cost = ""
             if self._cell.get("label") != cell:
                 self._finish_cell()
                 self._cell = {"label": cell, "batches": total, "done": 0, "robust": 0, "evaluated": 0,

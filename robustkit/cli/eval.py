@@ -166,7 +166,7 @@ def _print_cell(report) -> None:  # noqa: ANN001
 
 
 def _eps_str(eps: float) -> str:
-    from robustkit.units import eps_str
+    from robustkit.units import eps_label
 
-    return eps_str(eps)
+    return eps_label(eps)
 

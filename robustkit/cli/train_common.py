@@ -12,7 +12,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from robustkit.units import eps_str
+from robustkit.units import eps_label
 
 # (option, TrainConfig field, click type, help) for the plain value options.
 VALUE_OPTIONS: list[tuple[str, str, Any, str]] = [
@@ -179,7 +179,7 @@ def run_training(config: Any, quiet: bool, *, runner: Any, show: bool = True) ->
         return
     tricks = f" + {', '.join(config.tricks)}" if getattr(config, "tricks", None) else ""
     table = Table(title=f"{config.method}{tricks} on {config.model}, {config.dataset}, {config.norm} "
-                        f"eps={eps_str(config.eps)}")
+                        f"eps={eps_label(config.eps)}")
     for col in ("epoch", "loss", "train acc", "clean", "FGSM", "PGD-10", "CO", "seconds"):
         table.add_column(col, justify="right")
     for r in result.history:
@@ -205,7 +205,7 @@ def _print_eval(report: Any, console: Any) -> None:
         return
     first = rows[0]
     table = Table(title=f"--eval: {first.model} on {first.dataset} (n={first.n_examples}), {first.norm} "
-                        f"eps={first.eps:.4g}")
+                        f"eps={eps_label(first.eps)}")
     for col in ("attack", "clean acc", "robust acc", "seconds"):
         table.add_column(col, justify="left" if col == "attack" else "right")
     for r in rows:

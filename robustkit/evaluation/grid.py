@@ -54,7 +54,7 @@ from robustkit.models.robustbench_weights import check_normalize, locate_weights
 from robustkit.registry import MODELS
 from robustkit.results.leaderboard import Leaderboard, ResultRow, canonical_json
 from robustkit.threat import ThreatModel
-from robustkit.units import eps_str, parse_eps
+from robustkit.units import eps_label, eps_str, parse_eps
 
 WORST_CASE = "worst-case"
 # The radius papers use where RobustBench has no board (MNIST: Madry et al.'s 0.3 Linf, 2 L2).
@@ -323,7 +323,7 @@ class Grid:
                               "seed": spec.seed, "batch": spec.batch_size})
         run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
         store = BatchStore(self.runs / run_id)
-        label = f"{name} {threat.norm} eps={eps_str(threat.eps)}"
+        label = f"{name} {threat.norm} eps={eps_label(threat.eps)}"
         with self._locked(store, label):
             planned = self._rows(name, sha, threat, attacks, None, {})
             existing = [r for r in map(self.board.get, planned) if r is not None]
@@ -346,8 +346,8 @@ class Grid:
                                    f"numbers of a randomly initialized network.")
             usual = rb.benchmark_eps(spec.radius_dataset(), threat.norm)
             if usual is not None and not usual / 4 <= threat.eps <= 2 * usual:
-                warnings.append(f"eps {eps_str(threat.eps)} is unusual for {spec.radius_dataset()} images: the "
-                                f"standard {threat.norm} radius is {eps_str(usual)}.")
+                warnings.append(f"eps {eps_label(threat.eps)} is unusual for {spec.radius_dataset()} images: the "
+                                f"standard {threat.norm} radius is {eps_label(usual)}.")
             records = write_records(result, Path(spec.records_dir or self.home / "records") / run_id)
             extra = {"run_id": run_id, "records": str(records), "warnings": warnings,
                      "wall_seconds": time.perf_counter() - t0,

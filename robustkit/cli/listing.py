@@ -26,8 +26,7 @@ def list_cmd(what: str, source: str, dataset: str | None, threat_model: str | No
       robustkit list models
       robustkit list models --source robustbench --dataset cifar10 --threat-model Linf
     """
-    from robustkit.catalog import catalog
-    from robustkit.registry import DEFENSES
+    from robustkit.catalog import catalog, defense_kinds
 
     rows = catalog(what, source=source, dataset=dataset, threat_model=threat_model)
     if source == "robustbench":  # names never cut: they are what --model robustbench:NAME takes
@@ -48,7 +47,8 @@ def list_cmd(what: str, source: str, dataset: str | None, threat_model: str | No
         return
     kinds = what == "defenses"  # training, inference, architecture or data: where each one plugs in
     columns = [("name", "key")] + ([("kind", "key")] if kinds else []) + [("aliases", "text"), ("description", "text")]
-    cells = [[name] + ([str(getattr(DEFENSES.get(name), "kind", ""))] if kinds else [])
+    kind_of = defense_kinds() if kinds else {}
+    cells = [[name] + ([kind_of.get(name, "")] if kinds else [])
              + [", ".join(aliases), description] for name, aliases, description in rows]
     table, dropped = fitted_table(what, columns, cells, width=out.width, drop=["aliases"])
     if dropped:  # a narrow terminal: the aliases go under the description

@@ -225,6 +225,7 @@ class ProgressBars:
         self._poller: threading.Thread | None = None
         self._watch: Any = None
         self._last_draw = 0.0
+        self.redraw_s = 0.1  # at most 10 redraws a second from the attacks' steps
         self._last_note = 0.0
         self.cells_done = 0
         self._shown: tuple = ()
@@ -291,7 +292,7 @@ class ProgressBars:
         elif event == "stage":
             c["stage"] = (attack, c["calls"])
         now = time.monotonic()
-        if now - self._last_draw >= 0.1:
+        if now - self._last_draw >= self.redraw_s:
             self._last_draw = now
             with self.lock:
                 self._show()

@@ -217,6 +217,7 @@ class ProgressBars:
         self.rank, self.world = 0, 1
         self.points = 0  # of the data set (all ranks)
         self.batch_size = 1
+        self.classes = 10
         self.calls_per_batch: dict[str, int | None] = {}  # per attack (by its config) on one batch
         self.notes: Path | None = None
         self._cell: dict[str, Any] = {}
@@ -241,7 +242,7 @@ class ProgressBars:
         self.points = len(grid.dataset)
         self.batch_size = max(int(grid.spec.batch_size), 1)
         attacks = grid.attacks(grid.threats[0]) if grid.threats else []
-        classes = int(getattr(grid.dataset, "num_classes", 10) or 10)
+        classes = self.classes = int(getattr(grid.dataset, "num_classes", 10) or 10)
         for name, attack in attacks:
             self.calls_per_batch[name] = budget_of(name, attack, classes).calls
         if self.world > 1:
@@ -303,11 +304,10 @@ class ProgressBars:
             return None
         from robustkit.cli.budget import budget_of
 
-        key = id(attack)
-        cache = self.__dict__.setdefault("_budget_cache", {})
-        if key not in cache:
-            cache[key] = budget_of(getattr(attack, "name", "attack"), attack).calls
-        return cache[key]
+        cache = self._cell.setdefault("budgets", {})  # per cell: its attack objects live as long as it runs
+        if id(attack) not in cache:
+            cache[id(attack)] = budget_of(getattr(attack, "name", "attack"), attack, self.classes).calls
+        return cache[id(attack)]
 
     def _batch_fraction(self) -> float:
         """How far this rank's current batch is: model calls made against the attacks' budgets."""

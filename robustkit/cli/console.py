@@ -248,7 +248,7 @@ class ProgressBars:
         if self.world > 1:
             self.notes = Path(grid.runs) / f"progress-{_launch_key()}"
             self.notes.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0 and self.enabled:  # said when the first cell starts (its model loaded and checked)
+        if self.rank == 0 and self.enabled and attacks:  # said when the first cell starts (model loaded, checked)
             ranks = f" on {self.world} workers" if self.world > 1 else ""
             self._cost = f"eval: {cost_line(self.points, attacks, cells=self.cells, num_classes=classes)}{ranks}."
         if self.rank == 0 and self.world > 1 and self.enabled:

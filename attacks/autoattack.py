@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from robustkit.attack import Attack, AttackResult, Forward
+from robustkit.attack import Attack, AttackResult, Forward, tell_stage
 from robustkit.errors import UsageError
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
@@ -162,6 +162,7 @@ class AutoAttack(VersionOrList, Attack):
         started = time.perf_counter()
         for name, attack in self.stages:
             rows = (~broken).nonzero().flatten()
+            tell_stage(attack, len(rows))  # for progress displays: no sync (rows is on the host already)
             if len(rows):
                 stage_gen = torch.Generator(device=x.device).manual_seed(attack.seed)
                 room = {"budget": budget or len(x)} if attack.takes_budget else {}

@@ -16,7 +16,7 @@ import contextlib
 import copy
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,6 +27,36 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from robustkit.errors import DataError, UsageError
 from robustkit.threat import ThreatModel
+
+# -- progress, for displays ---------------------------------------------------------------------
+# listener(event, attack, n): "start" (an attack begins on n points; nested attacks, such as a
+# transfer attack's inner one, too), "end" (it returned), "stage" (a cascade's next stage, the
+# stage's attack), "call" (one model call through Forward on n rows). Host-side only: no event
+# reads a tensor, so watching an attack adds no device synchronization.
+Listener = Callable[[str, Any, int], None]
+_listeners: list[Listener] = []
+
+
+def _tell(event: str, attack: Any, n: int) -> None:
+    for listener in _listeners:
+        listener(event, attack, n)
+
+
+def tell_stage(attack: Any, n: int) -> None:
+    """A cascade starts its next stage, ``attack``, on ``n`` points (for progress displays)."""
+    if _listeners:
+        _tell("stage", attack, n)
+
+
+@contextlib.contextmanager
+def watch(listener: Listener) -> Iterator[None]:
+    """Call ``listener(event, attack, n)`` while attacks run (see above), e.g. to move a progress
+    bar per attack step rather than per batch."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
 
 
 @dataclass
@@ -77,6 +107,8 @@ class Forward:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model under this Forward's autocast, fp32 logits, with no loss scaling."""
+        if _listeners:  # a display counts the attack's model calls (a host-side int, no sync)
+            _tell("call", None, len(x))
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.autocast:
@@ -372,7 +404,13 @@ class Attack:
             if len(todo):
                 aim = None if target is None else target[todo]
                 budget = {"budget": len(x)} if self.takes_budget else {}  # the points skipped leave room
-                sub = self.perturb(forward, x[todo], y[todo], aim, generator, **budget)
+                if _listeners:
+                    _tell("start", self, len(todo))
+                try:
+                    sub = self.perturb(forward, x[todo], y[todo], aim, generator, **budget)
+                finally:
+                    if _listeners:
+                        _tell("end", self, len(todo))
                 x_adv[todo] = self.threat.clip(sub.x_adv.detach(), x[todo])
                 if sub.queries is not None:
                     queries[todo] = sub.queries

@@ -32,3 +32,18 @@ def eps_str(eps: float) -> str:
     if math.isfinite(k) and eps != int(eps) and abs(k - round(k)) <= 1e-5:
         return f"{round(k)}/255"
     return f"{eps + 0.0:.7g}"  # + 0.0 folds -0.0 into 0.0
+
+
+def eps_label(eps: float) -> str:
+    """Eps as shown to people, one style everywhere (tables, titles, progress, warnings): a short
+    decimal when the radius is one (``0.1``, ``0.2``, ``0.5``), else ``k/255`` when it is a whole
+    number of 8-bit grey levels (``8/255``), else 4 significant digits. Not a key: :func:`eps_str`
+    is (it keeps ``51/255`` for 0.2, as stored)."""
+    if not math.isfinite(eps):
+        return str(eps)
+    if eps == round(eps, 3):
+        return f"{eps + 0.0:g}"
+    k = eps * 255
+    if abs(k - round(k)) <= 1e-5 and round(k) > 0:
+        return f"{round(k)}/255"
+    return f"{eps:.4g}"

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"robustkit": ROOT / "robustkit", "robustkit.attacks": ROOT / "attacks",
             "robustkit.defenses": ROOT / "defenses"}
@@ -113,3 +115,24 @@ def test_the_command_line_starts_without_torch() -> None:
     code = "import sys, robustkit, robustkit.cli; print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["eval", "--help"], ["list", "models"],
+                                  ["list", "attacks"], ["list", "defenses"], ["list", "datasets"]])
+def test_help_and_list_run_without_torch(args: list[str]) -> None:
+    """`robustkit --help` and `robustkit list ...` answer in well under a second: torch (seconds to
+    import) is not loaded for them (`list` reads the registries' index, robustkit/_catalog_index.py)."""
+    code = ("import sys\nfrom robustkit.cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+            "    pass\nprint('torch loaded' if 'torch' in sys.modules else 'no torch', file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert proc.stderr.strip().splitlines()[-1] == "no torch", proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_the_catalog_index_matches_the_registries() -> None:
+    """The names `robustkit list` shows without importing torch are the registries' own; after adding a
+    registered name, run `python -m robustkit.catalog` to rewrite robustkit/_catalog_index.py."""
+    from robustkit.catalog import index_source
+
+    path = Path(__file__).resolve().parents[1] / "robustkit" / "_catalog_index.py"
+    assert path.read_text() == index_source(), "stale index: run `python -m robustkit.catalog`"

@@ -168,7 +168,7 @@ def test_ranked_view_and_exports_show_the_median_distance(capsys: pytest.Capture
     best = min(medians, key=medians.get)
     csv = ok(capsys, "leaderboard", "--db", db, "--format", "csv").splitlines()
     header, (line,) = csv[0].split(","), csv[1:]
-    cell = dict(zip(header, line.split(",")))["median distance"]
+    cell = dict(zip(header, line.split(","), strict=True))["median distance"]
     assert cell == f"{medians[best]:.4g} ({best})"
     assert "median distance" in ok(capsys, "leaderboard", "--db", db, "--format", "html")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator
 
 import click
@@ -130,9 +131,12 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
 
 
 class _StageLines(logging.Handler):
-    """AutoAttack's per-stage lines on stderr (above the bars), as the reference prints them."""
+    """AutoAttack's per-stage lines on stderr (above the bars), as the reference prints them; on
+    rank 0 only under torchrun."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if int(os.environ.get("RANK", "0") or 0):
+            return
         err.print(Text(f"autoattack: {record.getMessage()}", style="cyan"), soft_wrap=True)
 
 
@@ -215,7 +219,7 @@ def _dist(value: float, norm: str) -> str:
 
 
 def _eps_str(eps: float) -> str:
-    from robustkit.units import eps_str
+    from robustkit.units import eps_label
 
-    return eps_str(eps)
+    return eps_label(eps)
 

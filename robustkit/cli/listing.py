@@ -6,7 +6,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from robustkit.cli.console import out
+from robustkit.cli.console import fitted_table, out
 
 
 @click.command("list")
@@ -18,13 +18,15 @@ from robustkit.cli.console import out
 def list_cmd(what: str, source: str, dataset: str | None, threat_model: str | None) -> None:
     """List registered names (with aliases), or RobustBench's model zoo.
 
+    Names are never cut; on a terminal narrower than the table, descriptions wrap and the aliases
+    move into the description column.
+
     \b
     Examples:
       robustkit list models
       robustkit list models --source robustbench --dataset cifar10 --threat-model Linf
     """
-    from robustkit.catalog import catalog
-    from robustkit.registry import DEFENSES
+    from robustkit.catalog import catalog, defense_kinds
 
     rows = catalog(what, source=source, dataset=dataset, threat_model=threat_model)
     if source == "robustbench":  # names never cut: they are what --model robustbench:NAME takes
@@ -44,11 +46,12 @@ def list_cmd(what: str, source: str, dataset: str | None, threat_model: str | No
         out.print(table)
         return
     kinds = what == "defenses"  # training, inference, architecture or data: where each one plugs in
-    table = Table(title=what, show_lines=False)
-    for col in ("name", "kind", "aliases", "description") if kinds else ("name", "aliases", "description"):
-        table.add_column(col)
-    for name, aliases, description in rows:
-        kind = [Text(str(getattr(DEFENSES.get(name), "kind", "")))] if kinds else []
-        table.add_row(Text(name), *kind, Text(", ".join(aliases)), Text(description))
+    columns = [("name", "key")] + ([("kind", "key")] if kinds else []) + [("aliases", "text"), ("description", "text")]
+    kind_of = defense_kinds() if kinds else {}
+    cells = [[name] + ([kind_of.get(name, "")] if kinds else [])
+             + [", ".join(aliases), description] for name, aliases, description in rows]
+    table, dropped = fitted_table(what, columns, cells, width=out.width, drop=["aliases"])
+    if dropped:  # a narrow terminal: the aliases go under the description
+        cells = [c[:-2] + [c[-1] + (f" (aliases: {c[-2]})" if c[-2] else "")] for c in cells]
+        table, _ = fitted_table(what, columns[:-2] + columns[-1:], cells, width=out.width)
     out.print(table)
-

@@ -14,6 +14,7 @@ from rich.text import Text
 from robustkit import __version__
 from robustkit.cli.console import err
 from robustkit.cli.eval import eval_cmd
+from robustkit.cli.helpstyle import tidy
 from robustkit.cli.leaderboard import leaderboard_cmd
 from robustkit.cli.listing import list_cmd
 from robustkit.cli.plot import plot_cmd
@@ -41,6 +42,7 @@ def cli() -> None:
 
 for command in (list_cmd, eval_cmd, train_cmd, poison_cmd, leaderboard_cmd, plot_cmd, report_group):
     cli.add_command(command)
+tidy(cli)  # one help style: [default: x], --output (--out still works), grouped train options
 
 
 def main(argv: Sequence[str] | None = None) -> None:

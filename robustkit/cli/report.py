@@ -11,6 +11,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from robustkit.cli.console import fitted_table
+from robustkit.units import eps_label
+
 out = Console()
 err = Console(stderr=True)
 
@@ -18,6 +21,9 @@ err = Console(stderr=True)
 @click.group("report")
 def report_group() -> None:
     """Analyses of the leaderboard's results."""
+
+
+SCALING_DROP = ("R²", "eps range", "fit/pts")  # left out in this order when the terminal is narrow
 
 
 @report_group.command("scaling")
@@ -39,6 +45,9 @@ def scaling_cmd(model: str | None, dataset: str | None, norm: str | None, attack
     One fit per model, defense, data set, norm and attack with at least 3 radii whose error is
     strictly between 0 and the ceiling.
 
+    The table fits the terminal: model and attack names are never cut; on a narrow terminal the
+    columns R², eps range and fit/pts are left out, in that order (--format csv has them all).
+
     \b
     Example:
       robustkit eval --eps 0.02,0.03,0.05,0.07,0.1,0.15 --attack pgd
@@ -59,24 +68,27 @@ def scaling_cmd(model: str | None, dataset: str | None, norm: str | None, attack
     if fmt == "json":
         click.echo(table.to_json(orient="records", indent=2))
         return
-    shown = Table(title=f"Power-law fits: {'clean - robust acc' if quantity == 'excess' else '1 - robust acc'} "
-                  f"= c * eps^k ({level:.0%} interval)")
+    title = f"Power-law fits: {'clean - robust acc' if quantity == 'excess' else '1 - robust acc'} = c * eps^k"
+    same = [c for c in ("dataset", "norm") if table[c].nunique() == 1] if len(table) else []
+    if same:  # one data set / norm: said once, in the title
+        title += " on " + ", ".join(str(table[c].iloc[0]) for c in same)
     rows = []
     for _, r in table.iterrows():
         name = f"{r['model']} + {r['defense']}" if r["defense"] else r["model"]
         fitted = math.isfinite(r["exponent"])
-        rows.append([name, r["attack"], r["norm"], f"{r['fitted']}/{r['points']}",
-                     f"{r['eps_min']:.3g}–{r['eps_max']:.3g}" if fitted else "",
+        rows.append([name, r["attack"], r["dataset"], r["norm"], f"{r['fitted']}/{r['points']}",
+                     f"{eps_label(r['eps_min'])}–{eps_label(r['eps_max'])}" if fitted else "",
                      f"{r['exponent']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if fitted else r["note"],
                      f"{r['r2']:.3f}" if fitted else ""])
-    names = ("model", "attack", "norm", "fit/pts", "eps range", "k [interval]", "R²")
-    for i, col in enumerate(names):
-        numeric = i >= 3  # never shortened; the names are
-        shown.add_column(col, justify="right" if numeric else "left", no_wrap=numeric,
-                         min_width=max([len(col)] + [len(row[i]) for row in rows]) if numeric and i != 5 else None)
-    for row in rows:
-        shown.add_row(*row)
+    columns = [("model", "key"), ("attack", "key"), ("dataset", "key"), ("norm", "key"), ("fit/pts", "number"),
+               ("eps range", "number"), (f"k [{level:.0%} interval]", "text"), ("R²", "number")]
+    keep = [i for i, (c, _) in enumerate(columns) if c not in same]
+    shown, dropped = fitted_table(title, [columns[i] for i in keep], [[row[i] for i in keep] for row in rows],
+                                  width=out.width, drop=SCALING_DROP, text_min=18)
     out.print(shown)
+    if dropped:
+        err.print(Text(f"(not shown at {out.width} columns: {', '.join(dropped)}; --format csv has every column)",
+                       style="dim"))
 
 
 @report_group.command("optimality")

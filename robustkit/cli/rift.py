@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from robustkit.units import eps_label
+
 
 @click.command("rift")
 @click.option("--model", help="Registered model name (default: the checkpoint's robustkit sidecar, else digits-cnn).")
@@ -98,7 +100,7 @@ def _run(config: Any, quiet: bool) -> None:
         result = run_rift(config, progress=on_event)
     rows = result.criticality
     table = Table(title=f"Module robust criticality of {result.model.name} ({len(rows)} modules; PGD-"
-                        f"{config.attack_steps} {config.norm} eps {config.eps:.4g}, weight radius "
+                        f"{config.attack_steps} {config.norm} eps {eps_label(config.eps)}, weight radius "
                         f"{config.mrc_radius:g} x ||w||, {config.mrc_epochs} ascent passes)")
     for col in ("module", "params", "robust loss", "worst loss", "MRC", "robust acc", "worst acc", "acc drop"):
         table.add_column(col, justify="left" if col == "module" else "right", no_wrap=col == "module")

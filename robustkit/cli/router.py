@@ -9,9 +9,11 @@ from typing import Any
 import click
 
 from robustkit.cli.distill import train_distill_cmd
+from robustkit.cli.helpstyle import format_option_groups
 from robustkit.cli.prompt import train_prompt_cmd
 from robustkit.cli.pubdef import train_pubdef_cmd
 from robustkit.cli.rift import train_rift_cmd
+from robustkit.cli.train_common import HELP_GROUPS
 
 # NAME -> (its command, one line for `robustkit train --help`)
 SUBCOMMANDS: dict[str, tuple[click.Command, str]] = {
@@ -35,6 +37,14 @@ class TrainCommand(click.Command):
             return SUBCOMMANDS[args[0]][0].make_context(f"{info_name or 'train'} {args[0]}", list(args[1:]),
                                                         parent=parent, **extra)
         return super().make_context(info_name, args, parent=parent, **extra)
+
+    def subcommands(self) -> list[click.Command]:
+        """The commands ``train NAME`` runs (so that the help style reaches them too)."""
+        return [command for command, _ in SUBCOMMANDS.values()]
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The common options first, then the optimizer, the methods' own and DAT's (train_common.HELP_GROUPS)."""
+        format_option_groups(self, ctx, formatter, HELP_GROUPS)
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         super().format_epilog(ctx, formatter)

@@ -12,7 +12,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from robustkit.units import eps_str
+from robustkit.units import eps_label
 
 # (option, TrainConfig field, click type, help) for the plain value options.
 VALUE_OPTIONS: list[tuple[str, str, Any, str]] = [
@@ -25,14 +25,14 @@ VALUE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--n-examples", "n_examples", int, "Train on the first N examples."),
     ("--val-dataset", "val_dataset", str, "Held-out data for per-epoch robust accuracy (default: --dataset)."),
     ("--val-split", "val_split", str, "Split of the held-out data (default test)."),
-    ("--val-size", "val_size", int, "Held-out images for per-epoch metrics and the CO detector (0: off; 256)."),
-    ("--norm", "norm", str, "linf (default) or l2."),
+    ("--val-size", "val_size", int, "Held-out images for per-epoch metrics and CO checks; 0: none (default 256)."),
+    ("--norm", "norm", str, "linf or l2 (default linf)."),
     ("--eps", "eps", str, "Radius, e.g. 8/255 or 0.3."),
     ("--eps-warmup-epochs", "eps_warmup_epochs", float, "Ramp the training eps linearly from 0 over these epochs."),
     ("--epochs", "epochs", int, "Epochs (default 10)."),
     ("--batch-size", "batch_size", int, "Batch size (default 128)."),
     ("--lr", "lr", float, "Peak learning rate (default 0.05)."),
-    ("--optimizer", "optimizer", str, "sgd (default), adam, adamw or lamb."),
+    ("--optimizer", "optimizer", str, "sgd, adam, adamw or lamb (default sgd)."),
     ("--momentum", "momentum", float, "SGD momentum (default 0.9)."),
     ("--weight-decay", "weight_decay", float, "Weight decay (default 5e-4)."),
     ("--schedule", "schedule", str, "constant, multistep, cosine, cyclic or warmup (default: the method's)."),
@@ -43,28 +43,48 @@ VALUE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--attack-steps", "attack_steps", int, "Steps of the training attack (default: the method's)."),
     ("--attack-step-size", "attack_step_size", str, "Step size of the training attack, e.g. 2/255."),
     ("--beta", "beta", float, "TRADES/MART beta (default 6)."),
-    ("--mask-ratio", "mask_ratio", float, "Fraction of pixels the mask trick masks (default 0.4, ours)."),
-    ("--mask-pattern", "mask_pattern", str, "random (per batch; default) or fixed."),
-    ("--stride", "stride", int, "First-conv stride of the stride trick (default 2, ours)."),
-    ("--activation", "activation", str, "Smooth-act trick activation: silu (default, ours), softplus, gelu, elu."),
-    ("--reg-lambda", "reg_lambda", float, "Weight-reg trick strength (default 0.1, ours)."),
-    ("--reg-p", "reg_p", float, "Weight-reg trick exponent: lambda * sum |w|^p (default 2, ours)."),
+    ("--mask-ratio", "mask_ratio", float, "Fraction of pixels the mask trick masks, ours (default 0.4)."),
+    ("--mask-pattern", "mask_pattern", str, "random (per batch) or fixed (default random)."),
+    ("--stride", "stride", int, "First-conv stride of the stride trick, ours (default 2)."),
+    ("--activation", "activation", str, "Smooth-act trick activation: silu (ours), softplus, gelu, elu "
+     "(default silu)."),
+    ("--reg-lambda", "reg_lambda", float, "Weight-reg trick strength, ours (default 0.1)."),
+    ("--reg-p", "reg_p", float, "Weight-reg trick exponent: lambda * sum |w|^p, ours (default 2)."),
     ("--mix", "mix", str, "Mix every training batch, soft labels: mixup, cutmix or sdmp (default none)."),
-    ("--mix-alpha", "mix_alpha", float, "Beta(alpha, alpha) of mixup and cutmix (default 1, both papers')."),
-    ("--on-co", "on_co", str, "On catastrophic overfitting: continue (default), stop or rollback."),
-    ("--co-every", "co_every", int, "Also check for CO every N steps (default 0: at epoch ends only)."),
+    ("--mix-alpha", "mix_alpha", float, "Beta(alpha, alpha) of mixup and cutmix, as both papers (default 1)."),
+    ("--on-co", "on_co", str, "On catastrophic overfitting: continue, stop or rollback (default continue)."),
+    ("--co-every", "co_every", int, "Also check for CO every N steps; 0: at epoch ends only (default 0)."),
     ("--co-patience", "co_patience", int, "Consecutive suspect checks that flag CO (default 2)."),
     ("--seed", "seed", int, "Seed (default 0)."),
-    ("--device", "device", str, "auto (default), cpu, cuda, cuda:N or mps."),
+    ("--device", "device", str, "auto, cpu, cuda, cuda:N or mps (default auto)."),
     ("--out", "out", str, "Output folder (default runs/METHOD-MODEL)."),
     ("--eval-n-examples", "eval_n_examples", int, "Evaluate --eval on the first N held-out examples."),
     ("--db", "db", str, "Leaderboard file for --eval (default ~/.robustkit/leaderboard.db)."),
 ]
-FLAG_OPTIONS = [("--resume", "resume", "Continue the run in --out from its last epoch checkpoint."),
+FLAG_OPTIONS = [("--resume", "resume", "Continue the run in --output from its last epoch checkpoint."),
                  ("--channels-last", "channels_last", "Use the channels_last memory format."),
                  ("--same-budget", "same_budget", "advprop, fast-advprop: divide --epochs by the method's passes per "
                   "image (fast-advprop 1.2), so the run costs what standard training costs (the reference's "
                   "exact_same_training_budget).")]
+
+
+# `robustkit train --help`: the options a first run needs first, then by concern (helpstyle.format_option_groups)
+HELP_GROUPS: list[tuple[str, list[str]]] = [
+    ("Common options", ["--model", "--checkpoint", "--dataset", "--data-dir", "--n-examples", "--norm", "--eps",
+                        "--epochs", "--batch-size", "--lr", "--output", "--device", "--seed", "--eval", "--resume",
+                        "--config", "--dump-config", "--quiet"]),
+    ("Data and held-out metrics", ["--normalize", "--split", "--val-dataset", "--val-split", "--val-size",
+                                   "--eval-n-examples", "--db"]),
+    ("Optimization", ["--optimizer", "--momentum", "--weight-decay", "--schedule", "--warmup-epochs", "--grad-clip",
+                      "--ema", "--autocast", "--channels-last", "--eps-warmup-epochs"]),
+    ("The method's attack and loss", ["--attack-steps", "--attack-step-size", "--beta", "--mix", "--mix-alpha",
+                                      "--same-budget"]),
+    ("FGSM-AT tricks (--trick)", ["--trick", "--mask-ratio", "--mask-pattern", "--stride", "--activation",
+                                  "--reg-lambda", "--reg-p"]),
+    ("Catastrophic overfitting", ["--on-co", "--co-every", "--co-patience"]),
+    ("dat and dat-fgsm", ["--grad-compression", "--quant-bits", "--quant-bucket", "--lr-scaling", "--base-batch-size",
+                          "--clean-weight", "--unlabeled", "--n-unlabeled", "--dist-timeout"]),
+]
 
 
 def train_options(values: list[tuple[str, str, Any, str]]) -> Any:
@@ -179,7 +199,7 @@ def run_training(config: Any, quiet: bool, *, runner: Any, show: bool = True) ->
         return
     tricks = f" + {', '.join(config.tricks)}" if getattr(config, "tricks", None) else ""
     table = Table(title=f"{config.method}{tricks} on {config.model}, {config.dataset}, {config.norm} "
-                        f"eps={eps_str(config.eps)}")
+                        f"eps={eps_label(config.eps)}")
     for col in ("epoch", "loss", "train acc", "clean", "FGSM", "PGD-10", "CO", "seconds"):
         table.add_column(col, justify="right")
     for r in result.history:
@@ -205,7 +225,7 @@ def _print_eval(report: Any, console: Any) -> None:
         return
     first = rows[0]
     table = Table(title=f"--eval: {first.model} on {first.dataset} (n={first.n_examples}), {first.norm} "
-                        f"eps={first.eps:.4g}")
+                        f"eps={eps_label(first.eps)}")
     for col in ("attack", "clean acc", "robust acc", "seconds"):
         table.add_column(col, justify="left" if col == "attack" else "right")
     for r in rows:

@@ -68,7 +68,7 @@ from robustkit.registry import ATTACKS, MODELS
 from robustkit.results import curves as rc
 from robustkit.results.leaderboard import Leaderboard, ResultRow, canonical_json
 from robustkit.threat import ThreatModel
-from robustkit.units import eps_str, parse_eps
+from robustkit.units import eps_label, eps_str, parse_eps
 
 WORST_CASE = "worst-case"
 # The radius papers use where RobustBench has no board (MNIST: Madry et al.'s 0.3 Linf, 2 L2).
@@ -462,7 +462,7 @@ class Grid:
             return CellReport(name, threat.eps, rows, kept)
         run_id = self._cell_id(name, sha, eps_str(threat.eps), attacks)
         store = BatchStore(self.runs / run_id)
-        label = f"{name} {threat.norm} eps={eps_str(threat.eps)}"
+        label = f"{name} {threat.norm} eps={eps_label(threat.eps)}"
         with self._locked(store, label):
             planned = _combined(self._rows(name, sha, threat, attacks, None, {}, curve), derived)
             existing = [r for r in map(self.board.get, planned) if r is not None]
@@ -482,8 +482,8 @@ class Grid:
                                    f"numbers of a randomly initialized network.")
             usual = rb.benchmark_eps(spec.radius_dataset(), threat.norm)
             if usual is not None and not usual / 4 <= threat.eps <= 2 * usual:
-                warnings.append(f"eps {eps_str(threat.eps)} is unusual for {spec.radius_dataset()} images: the "
-                                f"standard {threat.norm} radius is {eps_str(usual)}.")
+                warnings.append(f"eps {eps_label(threat.eps)} is unusual for {spec.radius_dataset()} images: the "
+                                f"standard {threat.norm} radius is {eps_label(usual)}.")
             records = write_records(result, Path(spec.records_dir or self.home / "records") / run_id)
             extra = {"run_id": run_id, "records": str(records), "warnings": warnings,
                      "wall_seconds": time.perf_counter() - t0,
@@ -736,10 +736,15 @@ def wrap_defense(model: torch.nn.Module, name: str | None, kwargs: dict[str, Any
 def run_grid(spec: EvalSpec, *, db: str | Path | None = None, overwrite: bool = False,
              progress: CellProgress | None = None) -> list[CellReport | CurveReport]:
     """Evaluate every cell of ``spec`` (per model: its minimum-norm attacks' :class:`CurveReport`
-    first, then a :class:`CellReport` per eps); under torchrun only rank 0 gets the reports (others: [])."""
+    first, then a :class:`CellReport` per eps); under torchrun only rank 0 gets the reports (others: []).
+    A ``progress`` with a ``plan`` method is shown the :class:`Grid` before any work (its data,
+    attacks and batch size: what the run will cost)."""
     started = dist.init_from_env(spec.device, timeout_s=spec.dist_timeout)
     try:
-        return Grid(spec, db=db, overwrite=overwrite).run(progress)
+        grid = Grid(spec, db=db, overwrite=overwrite)
+        if hasattr(progress, "plan"):
+            progress.plan(grid)  # type: ignore[union-attr]
+        return grid.run(progress)
     finally:
         if started:  # no barrier: a worker done with its batches leaves while rank 0 still merges
             dist.shutdown()

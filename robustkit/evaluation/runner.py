@@ -179,7 +179,7 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-# progress(batches_done, batches_total, robust_so_far, evaluated_so_far)
+# progress(batches_done, batches_total, robust_so_far, evaluated_so_far); once with 0 done before the first batch
 ProgressFn = Callable[[int, int, int, int], None]
 
 
@@ -262,6 +262,8 @@ def evaluate(
     seconds: dict[str, float] = {"clean": 0.0, **{name: 0.0 for name, _ in attacks}}
     names = [name for name, _ in attacks]
     robust = evaluated = 0
+    if progress:  # the cell starts (a display may move within the first batch)
+        progress(0, len(starts), 0, 0)
     for done, start in enumerate(starts, 1):
         batch = start // batch_size
         arrays = store.load(batch) if store else None

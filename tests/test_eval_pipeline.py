@@ -86,6 +86,11 @@ def test_grid_two_models_two_attacks_two_eps_worst_case(capsys: pytest.CaptureFi
     for r in group["rows"]:
         cell = {x["attack"]: x for x in rows if x["model"] == r["model"] and abs(x["eps"] - 8 / 255) < 1e-9}
         assert r["robust"]["8/255"]["robust_acc"] == cell["worst-case"]["robust_acc"]
+    # each row tells its checkpoint apart by file name (extra["checkpoint"], results/labels.py)
+    paths = {f"{models}/resnet20-12fca82f.th", f"{models}/abcrown_resnet4b.pth"}
+    assert {r["extra"]["checkpoint"] for r in rows} == paths
+    code, text, _ = cli(capsys, "leaderboard", "--db", db, "--rows", "--format", "md")
+    assert "resnet20-12fca82f" in text and "abcrown_resnet4b" in text
 
 
 def test_config_round_trip(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

@@ -285,6 +285,9 @@ class Grid:
         self.spec = spec
         self.board = Leaderboard(db)
         self.curve_store = rc.CurveStore(self.board)
+        # the --checkpoint path of each (model, sha) seen, recorded in its rows' extra: readers tell
+        # two checkpoints of one architecture apart by file name (results/labels.py)
+        self._checkpoint_paths: dict[tuple[str, str], str] = {}
         self.overwrite = overwrite
         self.home = Path(self.board.path).parent
         self.runs = self.home / "runs" / _cache_name(self.board.path)  # batch caches of this database only
@@ -366,7 +369,8 @@ class Grid:
             norm=threat.norm, eps=threat.eps, attack=name, attack_config=config, seed=self.spec.seed,
             clean_acc=clean, robust_acc=robust, seconds=seconds,
             robustkit_version=__version__, torch_version=torch.__version__,
-            device=f"{self.device.type} ({platform.machine()})", extra=extra,
+            device=f"{self.device.type} ({platform.machine()})",
+            extra={**extra, "checkpoint": path} if (path := self._checkpoint_paths.get((model, sha))) else extra,
         )
 
     def _rows(self, model: str, sha: str, threat: ThreatModel, attacks: list[tuple[str, Attack]],
@@ -449,6 +453,8 @@ class Grid:
         spec = self.spec
         name, checkpoint = spec.model[index], spec.checkpoint_of(index)
         sha = weights_sha256(name, checkpoint, spec.model_dir)
+        if checkpoint:
+            self._checkpoint_paths[(name, sha)] = checkpoint
         attacks = self.attacks(threat)
         derived: list[ResultRow] = []
         if curve is not None and dist.world()[0] == 0:
@@ -529,6 +535,8 @@ class Grid:
         spec = self.spec
         name, checkpoint = spec.model[index], spec.checkpoint_of(index)
         sha = weights_sha256(name, checkpoint, spec.model_dir)
+        if checkpoint:
+            self._checkpoint_paths[(name, sha)] = checkpoint
         run_id = self._cell_id(name, sha, "inf", attacks)
         store = BatchStore(self.runs / run_id)
         label = f"{name} {spec.norm} curve"

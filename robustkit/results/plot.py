@@ -32,6 +32,7 @@ EIGHT_BIT_NAMES = ("cifar", "svhn", "mnist", "imagenet", "stl10", "gtsrb", "cele
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2, 2, 2)))
 PANEL_SIZE = (4.4, 3.3)  # inches per panel
+NORM_ORDER = ("linf", "l2", "l1", "l0")
 
 
 def pyplot(output: str | Path) -> Any:
@@ -79,6 +80,24 @@ def eight_bit(dataset: str) -> bool:
     """Whether ``dataset`` (a registered name or ``npz:PATH``) is 8-bit image data (radii k/255)."""
     name = Path(dataset[4:]).name if dataset.startswith("npz:") else dataset
     return any(word in name.lower() for word in EIGHT_BIT_NAMES)
+
+
+def panel_order(groups: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(data set, norm) pairs sorted by data set, then Linf, L2, L1, L0."""
+    def key(group: tuple[str, str]) -> tuple[str, int, str]:
+        dataset, norm = group
+        return (dataset, NORM_ORDER.index(norm) if norm in NORM_ORDER else len(NORM_ORDER), norm)
+
+    return sorted(set(groups), key=key)
+
+
+def log_axis_numbers(axis: Any) -> None:
+    """Plain numbers (``50``, ``0.2``) on a log axis instead of ``5 x 10^1``, at 1, 2 and 5 of each decade."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos=None: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def dataset_label(dataset: str) -> str:
@@ -150,12 +169,12 @@ def eps_formatter(scale: float) -> Any:
 
 def _eps_ticks_255(largest: float, *, log: bool, smallest: float = 0.0) -> list[float]:
     """Ticks at whole k/255: powers of two on log axes, a round step (about 6 ticks) on linear ones."""
-    top = largest * 255
+    top = largest * 255  # 8/255 stored through float32 comes back as 7.99999 levels: tolerances below
     if log:
         low = max(smallest * 255, 1e-12)
-        return [2.0**p / 255 for p in range(math.floor(math.log2(low)), math.ceil(math.log2(top)) + 1)]
+        return [2.0**p / 255 for p in range(math.floor(math.log2(low) + 1e-2), math.ceil(math.log2(top) - 1e-2) + 1)]
     step = next((s for s in (1, 2, 4, 5, 8, 10, 16, 20, 32, 50, 64) if top / s <= 6), 128)
-    return [k * step / 255 for k in range(int(top // step + 1e-9) + 1)]
+    return [k * step / 255 for k in range(int(top / step + 1e-3) + 1)]
 
 
 def format_eps_axis(ax: Any, dataset: str, norm: str, eps: np.ndarray, *, log: bool = False) -> None:
@@ -185,7 +204,7 @@ def draw_panels(series: list[Series], *, ylabel: str, percent: bool, log: bool =
     """
     if not series:
         raise DataError("Nothing to plot for this selection.")
-    groups = sorted({(s.dataset, s.norm) for s in series})
+    groups = panel_order((s.dataset, s.norm) for s in series)
     models = list(dict.fromkeys(sorted(s.model for s in series)))
     attacks = attack_order(s.attack for s in series)
     colours, styles = model_styles(models), attack_styles(attacks)
@@ -208,6 +227,7 @@ def draw_panels(series: list[Series], *, ylabel: str, percent: bool, log: bool =
         if log:
             ax.set_xscale("log")
             ax.set_yscale("log")
+            log_axis_numbers(ax.yaxis)
         if x_is_eps:
             format_eps_axis(ax, dataset, norm, np.concatenate([s.x for s in panel]), log=log)
         else:

@@ -143,13 +143,15 @@ def scaling_figure(reports: list[ScalingReport], *, quantity: str = "excess") ->
         attack_styles,
         dataset_label,
         format_eps_axis,
+        log_axis_numbers,
         model_styles,
         new_figure,
+        panel_order,
     )
 
     if not reports:
         raise DataError("No eps sweeps to plot for this selection.")
-    groups = sorted({(r.group["dataset"], r.group["norm"]) for r in reports})
+    groups = panel_order((r.group["dataset"], r.group["norm"]) for r in reports)
     models = sorted({r.model_label() for r in reports})
     colours = model_styles(models)
     styles = attack_styles(attack_order(r.group["attack"] for r in reports))
@@ -182,14 +184,17 @@ def scaling_figure(reports: list[ScalingReport], *, quantity: str = "excess") ->
                         linewidth=1.5)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        log_axis_numbers(ax.yaxis)
         eps = np.concatenate(shown_eps)
         if eps.size:
             format_eps_axis(ax, dataset, norm, eps, log=True)
+        if not ax.xaxis.get_label_text().endswith("k/255)"):
+            log_axis_numbers(ax.xaxis)
         ax.set_ylabel("clean − robust accuracy (%)" if quantity == "excess" else "adversarial error (%)")
         ax.set_title(f"{dataset_label(dataset)} · {norm}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize="x-small", frameon=False,
-                  handlelength=1.2)
+                  handlelength=2.8)
     return fig
 
 

@@ -48,12 +48,13 @@ def pyplot(output: str | Path) -> Any:
     return plt
 
 
-def check_output(output: str | Path) -> Path:
+def check_output(output: str | Path, *, make_folder: bool = True) -> Path:
     """``output`` as a Path once it names a .png, .svg or .pdf file (its folder is created)."""
     output = Path(output)
     if output.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise UsageError(f"Write the plot to a .png, .svg or .pdf file, not {output.name!r}.")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    if make_folder:
+        output.parent.mkdir(parents=True, exist_ok=True)
     return output
 
 
@@ -72,7 +73,7 @@ def new_figure(size: tuple[float, float]) -> Any:
 def save(fig: Any, output: str | Path) -> Path:
     """Write ``fig`` (format from the suffix), growing the canvas to anything drawn outside it."""
     output = check_output(output)
-    fig.savefig(output, bbox_inches="tight", pad_inches=0.1)
+    fig.savefig(output, bbox_inches="tight", pad_inches=0.15)
     return output
 
 
@@ -83,10 +84,10 @@ def eight_bit(dataset: str) -> bool:
 
 
 def panel_order(groups: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(data set, norm) pairs sorted by data set, then Linf, L2, L1, L0."""
+    """(data set, norm) pairs sorted by the data set's short name, then Linf, L2, L1, L0."""
     def key(group: tuple[str, str]) -> tuple[str, int, str]:
         dataset, norm = group
-        return (dataset, NORM_ORDER.index(norm) if norm in NORM_ORDER else len(NORM_ORDER), norm)
+        return (dataset_label(dataset), NORM_ORDER.index(norm) if norm in NORM_ORDER else len(NORM_ORDER), norm)
 
     return sorted(set(groups), key=key)
 

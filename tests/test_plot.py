@@ -164,6 +164,20 @@ def test_curves_one_panel_per_norm_clean_at_0_and_legend_outside(tmp_path: Path)
         plot_curves(frame, tmp_path / "c.txt")
 
 
+def test_curves_of_several_runs_units_from_the_radius_data_set() -> None:
+    base = curve_frame(["resnet4b"], n_points=20).assign(dataset="npz:/x/points.npz", radius_dataset="cifar10",
+                                                         seed=0, attack_config='{"steps": 100}')
+    longer = base.assign(attack_config='{"steps": 1000}', robust_acc=base["robust_acc"] / 2)
+    small = base.assign(n=16, robust_acc=0.0)  # a smaller run of the same attack is not drawn
+    fig = drawn(curves_figure(pd.concat([base, longer, small])))
+    lines = lines_by(fig)
+    assert {k[2] for k in lines} == {"fmn (steps=100)", "fmn (steps=1000)"}
+    line = lines[("points · linf", "resnet4b", "fmn (steps=100)")]
+    assert len(line.get_xdata()) == 21 and line.get_ydata()[-1] > 0
+    linf = next(ax for ax in panels(fig) if ax.get_title() == "points · linf")
+    assert "16/255" in [t.get_text() for t in linf.get_xticklabels()]
+
+
 def test_scaling_plot_one_panel_per_group_with_each_exponent_below() -> None:
     frame = leaderboard(["resnet20", "resnet4b"])
     fig = drawn(scaling_figure(scaling_reports(frame)))
@@ -193,3 +207,4 @@ def test_plot_command_draws_the_leaderboard(capsys: pytest.CaptureFixture, tmp_p
     with pytest.raises(SystemExit) as exc:
         main(["plot", "--db", str(db), "--attack", "nope", "--output", str(tmp_path / "q.png")])
     assert exc.value.code != 0 and "no rows" in capsys.readouterr().err
+

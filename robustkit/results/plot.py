@@ -122,6 +122,7 @@ class Series:
     x: np.ndarray
     y: np.ndarray
     markers: bool = True  # a marker on every point (leaderboard cells), else a few (dense curves)
+    units: str = ""  # the data set whose eps units apply, when not ``dataset`` itself
 
 
 def model_styles(models: Sequence[str]) -> dict[str, tuple[Any, str]]:
@@ -230,7 +231,8 @@ def draw_panels(series: list[Series], *, ylabel: str, percent: bool, log: bool =
             ax.set_yscale("log")
             log_axis_numbers(ax.yaxis)
         if x_is_eps:
-            format_eps_axis(ax, dataset, norm, np.concatenate([s.x for s in panel]), log=log)
+            units = next((s.units for s in panel if s.units), dataset)
+            format_eps_axis(ax, units, norm, np.concatenate([s.x for s in panel]), log=log)
         else:
             ax.set_xlabel("examples evaluated")
         if percent:
@@ -368,19 +370,31 @@ def plot_leaderboard(frame: pd.DataFrame, output: str | Path, *, metric: str = "
 
 
 def curve_series(frame: pd.DataFrame) -> list[Series]:
-    """One :class:`Series` per curve of a curve frame (columns :data:`CURVE_COLUMNS`)."""
+    """One :class:`Series` per curve of a curve frame (columns :data:`CURVE_COLUMNS`).
+
+    Optional columns: ``attack_config`` (runs of one attack with different options become
+    different lines), ``seed`` (where one attack has curves on several sample sizes or seeds, the
+    largest, then the first seed, is drawn) and ``radius_dataset`` (the data set whose units
+    apply, e.g. cifar10 for images read from an npz file).
+    """
     missing = [c for c in CURVE_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(f"A curve frame needs the columns {', '.join(missing)}.")
-    frame = frame.copy()
+    frame = frame.reset_index(drop=True)
     frame["model_label"] = _model_labels(frame, "checkpoint")
+    frame["attack_label"] = (_attack_labels(frame, frame["model_label"]) if "attack_config" in frame.columns
+                             else frame["attack"])
+    if "seed" not in frame.columns:
+        frame["seed"] = 0
     series = []
-    for (model, dataset, norm, attack), rows in frame.groupby(["model_label", "dataset", "norm", "attack"]):
-        rows = rows.sort_values("eps")
+    for (model, dataset, norm, attack), rows in frame.groupby(["model_label", "dataset", "norm", "attack_label"]):
+        n, seed = max((int(n), -int(s)) for n, s in zip(rows["n"], rows["seed"], strict=True))
+        rows = rows[(rows["n"] == n) & (rows["seed"] == -seed)].sort_values("eps")
         xs, ys = rows["eps"].to_numpy(float), rows["robust_acc"].to_numpy(float)
         if xs[0] > 0:
             xs, ys = np.concatenate([[0.0], xs]), np.concatenate([[rows["clean_acc"].iloc[0]], ys])
-        series.append(Series(model, attack, dataset, norm, xs, 100 * ys, markers=len(xs) <= 12))
+        units = str(rows["radius_dataset"].iloc[0]) if "radius_dataset" in rows.columns else dataset
+        series.append(Series(model, attack, dataset, norm, xs, 100 * ys, markers=len(xs) <= 12, units=units))
     return series
 
 

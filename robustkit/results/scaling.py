@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -52,9 +53,12 @@ class ScalingReport:
     reason: str = ""  # why there is no fit
     n_examples: list[int] = field(default_factory=list)
 
-    def label(self) -> str:
+    def model_label(self) -> str:
         defense = f" + {self.group['defense']}" if self.group.get("defense") else ""
-        return f"{self.group['model']}{defense} {self.group['attack']} {self.group['norm']}"
+        return f"{self.group['model']}{defense}"
+
+    def label(self) -> str:
+        return f"{self.model_label()} {self.group['attack']} {self.group['norm']}"
 
 
 def fit_power_law(eps: np.ndarray, value: np.ndarray, *, level: float = 0.95) -> PowerLawFit:
@@ -125,24 +129,78 @@ def reports_frame(reports: list[ScalingReport]) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def plot_scaling(reports: list[ScalingReport], output: str, *, quantity: str = "excess") -> None:
-    """Measured points and fitted lines on log-log axes (matplotlib; the format follows the suffix)."""
-    from robustkit.results.plot import pyplot
+def scaling_figure(reports: list[ScalingReport], *, quantity: str = "excess") -> Any:
+    """Measured points and fitted lines on log-log axes, one panel per data set and norm.
 
-    plt = pyplot(output)
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for r in reports:
-        shown = (r.eps > 0) & (r.value > 0)
-        (line,) = ax.plot(r.eps[shown], r.value[shown], "o", label=r.label())
-        if r.fit is not None:
-            grid = np.geomspace(r.eps[r.used].min(), r.eps[r.used].max(), 50)
-            ax.plot(grid, r.fit.predict(grid), "-", color=line.get_color(),
-                    label=f"fit: k = {r.fit.exponent:.2f} [{r.fit.ci_low:.2f}, {r.fit.ci_high:.2f}]")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("eps")
-    ax.set_ylabel("clean acc - robust acc" if quantity == "excess" else "adversarial error (1 - robust acc)")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(output)
-    plt.close(fig)
+    Colour and marker follow the model, the fitted line's style the attack (as in ``robustkit
+    plot``); below each panel a legend gives each sweep's exponent k with its interval.
+    """
+    from matplotlib.lines import Line2D
+
+    from robustkit.results.plot import (
+        PANEL_SIZE,
+        attack_order,
+        attack_styles,
+        dataset_label,
+        format_eps_axis,
+        log_axis_numbers,
+        model_styles,
+        new_figure,
+        panel_order,
+    )
+
+    if not reports:
+        raise DataError("No eps sweeps to plot for this selection.")
+    groups = panel_order((r.group["dataset"], r.group["norm"]) for r in reports)
+    models = sorted({r.model_label() for r in reports})
+    colours = model_styles(models)
+    styles = attack_styles(attack_order(r.group["attack"] for r in reports))
+    ncols = min(len(groups), 3)
+    nrows = math.ceil(len(groups) / ncols)
+    per_panel = max(sum((r.group["dataset"], r.group["norm"]) == g for r in reports) for g in groups)
+    fig = new_figure((PANEL_SIZE[0] * ncols + 0.6, (PANEL_SIZE[1] + 0.2 + 0.2 * per_panel) * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, (dataset, norm) in zip(axes.flat, groups, strict=False):
+        panel = [r for r in reports if (r.group["dataset"], r.group["norm"]) == (dataset, norm)]
+        panel.sort(key=lambda r: (r.model_label(), r.group["attack"]))
+        shown_eps, handles, labels = [], [], []
+        for r in panel:
+            colour, marker = colours[r.model_label()]
+            shown = (r.eps > 0) & (r.value > 0)
+            shown_eps.append(r.eps[shown])
+            fit = (f"k = {r.fit.exponent:.2f} [{r.fit.ci_low:.2f}, {r.fit.ci_high:.2f}], R² {r.fit.r2:.2f}"
+                   if r.fit else "no fit (< 3 points inside)")
+            label = f"{r.model_label()} · {r.group['attack']}: {fit}"
+            ax.plot(r.eps[shown], 100 * r.value[shown], linestyle="none", marker=marker, color=colour,
+                    markerfacecolor=colour if r.fit else "none")
+            handles.append(Line2D([], [], color=colour, marker=marker, markerfacecolor=colour if r.fit else "none",
+                                  linestyle=styles[r.group["attack"]] if r.fit else "none"))
+            labels.append(label)
+            if r.fit is not None:
+                grid = np.geomspace(r.eps[r.used].min(), r.eps[r.used].max(), 50)
+                ax.plot(grid, 100 * r.fit.predict(grid), linestyle=styles[r.group["attack"]], color=colour,
+                        linewidth=1.5)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        log_axis_numbers(ax.yaxis)
+        eps = np.concatenate(shown_eps)
+        if eps.size:
+            format_eps_axis(ax, dataset, norm, eps, log=True)
+        if not ax.xaxis.get_label_text().endswith("k/255)"):
+            log_axis_numbers(ax.xaxis)
+        ax.set_ylabel("clean − robust accuracy (%)" if quantity == "excess" else "adversarial error (%)")
+        ax.set_title(f"{dataset_label(dataset)} · {norm}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize="x-small", frameon=False,
+                  handlelength=2.8)
+    return fig
+
+
+def plot_scaling(reports: list[ScalingReport], output: str, *, quantity: str = "excess") -> None:
+    """:func:`scaling_figure` written to ``output`` (matplotlib; the format follows the suffix)."""
+    from robustkit.results.plot import check_output, save
+
+    check_output(output)
+    save(scaling_figure(reports, quantity=quantity), output)

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from robustkit.cli.train_common import VALUE_OPTIONS, train_options
+from robustkit.cli.train_common import VALUE_OPTIONS, command_line_values, default_out, run_training, train_options
 
 _NOT_HERE = {"--model", "--mask-ratio", "--mask-pattern"}
 _DISTILL_OPTIONS: list[tuple[str, str, Any, str]] = [
@@ -59,7 +59,7 @@ def train_distill_cmd(ctx: click.Context, method: str | None, tricks: tuple[str,
       robustkit train distill --teacher mnist-cnn-a --teacher-checkpoint runs/t/model.safetensors \\
           --student mnist-madry-tiny --dataset npz:../shared/data/mnist.npz --mask-ratio 0.75 --out runs/dmae
     """
-    from robustkit.cli.train_common import command_line_values, default_out, run_training
+    # lazy: these import torch (the CLI must not at import time)
     from robustkit.training.distill import DistillConfig
     from robustkit.training.loop import train
 

@@ -7,12 +7,15 @@ It takes every option of ``robustkit train`` plus the source pool (``--surrogate
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import click
+from rich.text import Text
 
-from robustkit.cli.train_common import VALUE_OPTIONS, train_options
+from robustkit.cli.console import err
+from robustkit.cli.train_common import VALUE_OPTIONS, command_line_values, default_out, run_training, train_options
 
 SELECTION_HELP = ("Source selection per batch: random (default; one source drawn uniformly per example, the "
                   "reference's), top1 (the source with the highest loss per example), exp (all sources, weighted "
@@ -51,7 +54,7 @@ def train_pubdef_cmd(tricks: tuple[str, ...], eval_attacks: tuple[str, ...], con
       robustkit eval --checkpoint runs/pubdef/model.safetensors --attack transfer \\
           --surrogate-checkpoint runs/src3/model.safetensors
     """
-    from robustkit.cli.train_common import command_line_values, default_out, run_training
+    # lazy: imports torch (the CLI must not at import time)
     from robustkit.training.pubdef import PubDefConfig, train_pubdef
 
     values: dict[str, Any] = {}
@@ -78,11 +81,7 @@ def train_pubdef_cmd(tricks: tuple[str, ...], eval_attacks: tuple[str, ...], con
 
 def _print_sources(sidecar: Path) -> None:
     """How often each source was trained on (from the sidecar's recipe)."""
-    import json
 
-    from rich.text import Text
-
-    from robustkit.cli.console import err
 
     recipe = json.loads(Path(sidecar).read_text()).get("recipe", {})
     sources, picks = recipe.get("sources") or [], recipe.get("source_picks") or []

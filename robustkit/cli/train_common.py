@@ -11,8 +11,11 @@ from typing import Any
 
 import click
 from click.core import ParameterSource
+from rich.table import Table
+from rich.text import Text
 
-from robustkit.units import eps_str
+from robustkit.cli.console import StepBar, err, out
+from robustkit.units import eps_str, parse_eps
 
 # (option, TrainConfig field, click type, help) for the plain value options.
 VALUE_OPTIONS: list[tuple[str, str, Any, str]] = [
@@ -98,12 +101,11 @@ def command_line_values(ctx: click.Context, options: dict[str, Any], tricks: tup
     if tricks:
         values["tricks"] = list(tricks)
     if eval_attacks:
+        # lazy: imports torch (the CLI must not at import time)
         from robustkit.evaluation.attack_spec import split_attacks
 
         values["eval_attacks"] = [a for item in eval_attacks for a in split_attacks(item) if a.lower() != "none"]
     if isinstance(values.get("attack_step_size"), str):
-        from robustkit.units import parse_eps
-
         values["attack_step_size"] = parse_eps(values["attack_step_size"])
     return values
 
@@ -117,10 +119,6 @@ class _ConsoleWarnings(logging.Handler):
     """Prints the training loop's warnings (e.g. a skipped --eval) as yellow lines on stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        from rich.text import Text
-
-        from robustkit.cli.console import err
-
         err.print(Text(f"warning: {record.getMessage()}", style="yellow"), soft_wrap=True)
 
 
@@ -131,10 +129,7 @@ def show_warnings() -> None:
 
 
 def run_training(config: Any, quiet: bool, *, runner: Any, show: bool = True) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    from robustkit.cli.console import StepBar, err, out
+    # lazy: imports torch (the CLI must not at import time)
     from robustkit.training.loop import TrainEvent
 
     if show:
@@ -198,8 +193,6 @@ def run_training(config: Any, quiet: bool, *, runner: Any, show: bool = True) ->
 
 
 def _print_eval(report: Any, console: Any) -> None:
-    from rich.table import Table
-
     rows = report.existing + report.rows
     if not rows:
         return

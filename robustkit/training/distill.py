@@ -48,8 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkit.errors import CheckpointError, UsageError
-from robustkit.models.sidecar import read_sidecar
+from robustkit.defenses.adversarial_training import StepOutput
+from robustkit.errors import CheckpointError, UnknownNameError, UsageError
+from robustkit.models import PACKAGED_WEIGHTS, is_external, load_model, load_state_dict
+from robustkit.models.sidecar import load_trained_model, read_sidecar
+from robustkit.registry import MODELS
 from robustkit.training.loop import ProgressFn, TrainConfig, TrainResult, train
 
 OBJECTIVES = ("kd", "feature", "patch")
@@ -155,8 +158,6 @@ class Projections(nn.Module):
 
 def load_projections(path: str | Path) -> Projections:
     """The projections ``robustkit train distill`` saved (``OUT/projection.safetensors`` or OUT)."""
-    from robustkit.models import load_state_dict
-
     p = Path(path)
     if p.is_dir():
         p = p / "projection.safetensors"
@@ -292,9 +293,7 @@ class DistillStrategy:
         return self.base.regularizer(model)
 
     # -- one batch ------------------------------------------------------------------------------------
-    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> Any:
-        from robustkit.defenses.adversarial_training import StepOutput
-
+    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> StepOutput:
         assert self.aux is not None and self.student_tap is not None and self.teacher_tap is not None
         base = self.base
         x_in = base.adversarial_input(model, x, y, generator)
@@ -350,16 +349,11 @@ class DistillStrategy:
 def load_teacher(name: str, checkpoint: str | None, normalize: str | None = "default") -> nn.Module:
     """The teacher: a robustkit-trained checkpoint (its sidecar says how to build it), or ``name``
     with ``checkpoint`` (packaged weights for ``digits-cnn``), in eval mode."""
-    from robustkit.models import PACKAGED_WEIGHTS, is_external, load_model
-    from robustkit.registry import MODELS
-
     if checkpoint:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise CheckpointError(f"Teacher checkpoint not found: {path}.")
         if read_sidecar(path) is not None:
-            from robustkit.models.sidecar import load_trained_model
-
             return load_trained_model(path).eval()
         return load_model(name, path, normalize=normalize).eval()
     if name not in MODELS and not is_external(name) and not str(name).startswith("robustbench:"):
@@ -399,8 +393,6 @@ class DistillConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        from robustkit.errors import UnknownNameError
-
         if not self.objectives:
             raise UsageError(f"--objectives needs at least one of {', '.join(OBJECTIVES)}.")
         for o in self.objectives:

@@ -62,7 +62,15 @@ from robustkit.models.sidecar import cpu_state, sidecar_path
 from robustkit.registry import DEFENSES
 from robustkit.training.compression import COMPRESSIONS, check_bucket, levels, register_compression
 from robustkit.training.hooks import RunHooks, TrainingHooks, evaluate_checkpoint
-from robustkit.training.loop import EMA, ProgressFn, TrainConfig, TrainResult, _clone_optimizer_state, train
+from robustkit.training.loop import (
+    EMA,
+    ProgressFn,
+    TrainConfig,
+    TrainResult,
+    _clone_optimizer_state,
+    flat_options,
+    train,
+)
 from robustkit.training.optim import LAMB, make_optimizer
 
 log = logging.getLogger("robustkit.training.loop")
@@ -91,26 +99,17 @@ class _Terminated(Exception):
 
 
 @dataclass
-class DATConfig(TrainConfig):
-    """A :class:`~robustkit.training.loop.TrainConfig` with DAT's defaults and options (module docstring).
-
-    ``batch_size`` is global. The peak learning rate is ``lr`` times ``batch_size /
-    base_batch_size`` (``lr_scaling="linear"``), its square root (``"sqrt"``), or 1 (``"none"``).
-    ``clean_weight`` (None: the method's, 1 for dat and 0 for dat-fgsm) weighs the clean CE.
-    ``grad_compression``: none, fp16, bf16 or qsgd with ``quant_bits`` bits (sign included) and one
-    norm per parameter gradient (DAT) or per ``quant_bucket`` elements (QSGD's bucketing).
-    ``unlabeled``: ``npz:PATH`` of extra images (array ``x`` or ``x_<split>``, labels ignored,
-    first ``n_unlabeled``), trained on with the current model's pseudo-labels. ``dist_timeout``:
-    seconds a worker waits for the others before it gives up.
+class DATOptions:
+    """DAT's own options (``robustkit train dat``; module docstring). The peak learning rate is
+    ``lr`` times ``batch_size / base_batch_size`` (``lr_scaling="linear"``), its square root
+    (``"sqrt"``), or 1 (``"none"``). ``clean_weight`` (None: the method's, 1 for dat and 0 for
+    dat-fgsm) weighs the clean CE. ``grad_compression``: none, fp16, bf16 or qsgd with
+    ``quant_bits`` bits (sign included) and one norm per parameter gradient (DAT) or per
+    ``quant_bucket`` elements (QSGD's bucketing). ``unlabeled``: ``npz:PATH`` of extra images (array
+    ``x`` or ``x_<split>``, labels ignored, first ``n_unlabeled``), trained on with the current
+    model's pseudo-labels. ``dist_timeout``: seconds a worker waits for the others before it gives up.
     """
 
-    method: str = "dat"
-    optimizer: str = "lamb"
-    lr: float = 0.01
-    weight_decay: float | None = None  # type: ignore[assignment]  # None: 1e-4 (lamb) or 5e-4
-    schedule: str | None = "multistep"
-    milestones: list[float] = field(default_factory=lambda: [0.75, 0.9, 0.95])
-    warmup_epochs: float = 5.0
     lr_scaling: str = "none"
     base_batch_size: int = 256
     clean_weight: float | None = None
@@ -122,9 +121,6 @@ class DATConfig(TrainConfig):
     dist_timeout: float = 600.0
 
     def validate(self) -> None:
-        if not is_dat_method(self.method):
-            raise UsageError(f"DATConfig trains {' or '.join(DAT_METHODS)}, not {self.method!r}.")
-        super().validate()
         if self.lr_scaling not in LR_SCALINGS:
             raise UsageError(f"Unknown --lr-scaling {self.lr_scaling!r}; accepted: {', '.join(LR_SCALINGS)}.")
         batch = self.base_batch_size
@@ -136,14 +132,42 @@ class DATConfig(TrainConfig):
             )
         levels(self.quant_bits)
         check_bucket(self.quant_bucket)
-        if self.weight_decay is not None and not self.weight_decay >= 0:
-            raise UsageError(f"--weight-decay must be non-negative, got {self.weight_decay!r}.")
+
+    def validate_data(self) -> None:
         if self.unlabeled is not None and not str(self.unlabeled).startswith("npz:"):
             raise UsageError(f"--unlabeled takes npz:PATH (an array 'x' of images), got {self.unlabeled!r}.")
         if self.n_unlabeled is not None and (self.unlabeled is None or self.n_unlabeled < 1):
             raise UsageError("--n-unlabeled must be at least 1 and needs --unlabeled npz:PATH.")
         if not (isinstance(self.dist_timeout, int | float) and self.dist_timeout > 0):
             raise UsageError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout!r}.")
+
+
+@flat_options
+@dataclass
+class DATConfig(TrainConfig):
+    """A :class:`~robustkit.training.loop.TrainConfig` with DAT's defaults (module docstring) and
+    its own options in ``dat`` (:class:`DATOptions`; also taken and read flat, e.g.
+    ``DATConfig(grad_compression="qsgd")``). ``batch_size`` is global."""
+
+    OPTION_GROUPS = ("trick", "dat")
+
+    method: str = "dat"
+    optimizer: str = "lamb"
+    lr: float = 0.01
+    weight_decay: float | None = None  # type: ignore[assignment]  # None: 1e-4 (lamb) or 5e-4
+    schedule: str | None = "multistep"
+    milestones: list[float] = field(default_factory=lambda: [0.75, 0.9, 0.95])
+    warmup_epochs: float = 5.0
+    dat: DATOptions = field(default_factory=DATOptions)
+
+    def validate(self) -> None:
+        if not is_dat_method(self.method):
+            raise UsageError(f"DATConfig trains {' or '.join(DAT_METHODS)}, not {self.method!r}.")
+        super().validate()
+        self.dat.validate()
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise UsageError(f"--weight-decay must be non-negative, got {self.weight_decay!r}.")
+        self.dat.validate_data()
         if self.on_co == "rollback" or self.co_every:
             raise UsageError("dat checks catastrophic overfitting at epoch ends only, with --on-co continue or stop.")
         if self.warmup_epochs and self.warmup_epochs >= self.epochs:
@@ -153,7 +177,7 @@ class DATConfig(TrainConfig):
             )
 
     def strategy_options(self) -> dict[str, Any]:
-        return {**super().strategy_options(), "clean_weight": self.clean_weight}
+        return {**super().strategy_options(), "clean_weight": self.dat.clean_weight}
 
     def resolved_weight_decay(self) -> float:
         if self.weight_decay is not None:
@@ -161,9 +185,9 @@ class DATConfig(TrainConfig):
         return 1e-4 if self.optimizer.lower() == "lamb" else 5e-4
 
     def peak_lr(self) -> float:
-        """``lr`` scaled with the global batch (``lr_scaling``)."""
-        ratio = self.batch_size / self.base_batch_size
-        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling]
+        """``lr`` scaled with the global batch (``dat.lr_scaling``)."""
+        ratio = self.batch_size / self.dat.base_batch_size
+        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.dat.lr_scaling]
 
 
 def make_dat_optimizer(config: DATConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -321,7 +345,7 @@ def train_dat(config: DATConfig, *, progress: ProgressFn | None = None, model: Z
     loses the others raises :class:`WorkerLostError` naming the checkpoint to ``--resume`` from.
     """
     config.validate()
-    owned = distributed.init_from_env(config.device, timeout_s=config.dist_timeout)
+    owned = distributed.init_from_env(config.device, timeout_s=config.dat.dist_timeout)
     rank, world = distributed.world()
     run = DistributedRun(config, rank, world)
     try:
@@ -387,8 +411,8 @@ class DistributedRun(RunHooks):
 
     def training_data(self, config: TrainConfig) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
         data, x, y = super().training_data(config)
-        if self.config.unlabeled:
-            extra = load_unlabeled(self.config.unlabeled, data, split=config.split, n=self.config.n_unlabeled)
+        if self.config.dat.unlabeled:
+            extra = load_unlabeled(self.config.dat.unlabeled, data, split=config.split, n=self.config.dat.n_unlabeled)
             x = torch.cat([x, extra])
             y = torch.cat([y, torch.full((len(extra),), UNLABELED, dtype=y.dtype)])
         return data, x, y
@@ -424,11 +448,11 @@ class DistributedRun(RunHooks):
         if self.world > 1:
             ids = [self._device.index] if self._device.type == "cuda" else None
             self.loss_model = DistributedDataParallel(model, device_ids=ids)  # broadcasts rank 0's weights
-            self.quantizer = register_compression(self.loss_model, self.config.grad_compression,
-                                                  bits=self.config.quant_bits, bucket=self.config.quant_bucket,
-                                                  seed=config.seed)
-        elif self.config.grad_compression != "none":
-            log.warning("--grad-compression %s has no effect with one worker.", self.config.grad_compression)
+            opts = self.config.dat
+            self.quantizer = register_compression(self.loss_model, opts.grad_compression, bits=opts.quant_bits,
+                                                  bucket=opts.quant_bucket, seed=config.seed)
+        elif self.config.dat.grad_compression != "none":
+            log.warning("--grad-compression %s has no effect with one worker.", self.config.dat.grad_compression)
 
     def start_info(self, config: TrainConfig) -> dict[str, Any]:
         return {"world_size": self.world, "per_rank_batch": config.batch_size // self.world,
@@ -438,12 +462,12 @@ class DistributedRun(RunHooks):
         return {"world_size": self.world}
 
     def sidecar_extra(self, config: TrainConfig) -> dict[str, Any]:
-        c = self.config
-        qsgd = c.grad_compression == "qsgd"
+        c, opts = self.config, self.config.dat
+        qsgd = opts.grad_compression == "qsgd"
         return {"distributed": {
             "world_size": self.world, "backend": dist.get_backend() if self.world > 1 else None,
-            "per_rank_batch": c.batch_size // self.world, "grad_compression": c.grad_compression,
-            "quant_bits": c.quant_bits if qsgd else None, "quant_bucket": c.quant_bucket if qsgd else None,
+            "per_rank_batch": c.batch_size // self.world, "grad_compression": opts.grad_compression,
+            "quant_bits": opts.quant_bits if qsgd else None, "quant_bucket": opts.quant_bucket if qsgd else None,
             "peak_lr": c.peak_lr(), "weight_decay": c.resolved_weight_decay()}}  # fmt: skip
 
     def evaluate(self, config: TrainConfig, result: TrainResult, out: Path) -> None:
@@ -459,7 +483,7 @@ class DistributedRun(RunHooks):
             log.warning("Skipping --eval: not every worker can read %s (put --out on a shared file system or run "
                         "`robustkit eval --checkpoint %s`).", weights, weights)
             return
-        report = evaluate_checkpoint(config, weights, dist_timeout=self.config.dist_timeout)
+        report = evaluate_checkpoint(config, weights, dist_timeout=self.config.dat.dist_timeout)
         if self.rank == 0:
             result.eval_report = report
 
@@ -493,5 +517,5 @@ class DistributedRun(RunHooks):
 
     def end_epoch(self, model: nn.Module, row: dict[str, Any], totals: dict[str, float]) -> None:
         row.update(world_size=self.world, images_per_s=totals["seen"] / max(row["seconds"], 1e-9))
-        if self.config.unlabeled:
+        if self.config.dat.unlabeled:
             row["pseudo_labeled"] = int(totals["seen"] - totals["labeled"])

@@ -53,7 +53,7 @@ from robustkit.errors import CheckpointError, UnknownNameError, UsageError
 from robustkit.models import PACKAGED_WEIGHTS, is_external, load_model, load_state_dict
 from robustkit.models.sidecar import load_trained_model, read_sidecar
 from robustkit.registry import MODELS
-from robustkit.training.loop import ProgressFn, TrainConfig, TrainResult, train
+from robustkit.training.loop import ProgressFn, TrainConfig, TrainResult, flat_options, train
 
 OBJECTIVES = ("kd", "feature", "patch")
 FEATURE_LOSSES = ("mse", "smooth-l1", "cosine")
@@ -366,12 +366,10 @@ def load_teacher(name: str, checkpoint: str | None, normalize: str | None = "def
 
 
 @dataclass
-class DistillConfig(TrainConfig):
-    """A :class:`~robustkit.training.loop.TrainConfig` (``model`` is the student) plus the teacher and the
-    distillation options of the module docstring. ``method`` defaults to ``standard`` (plain
-    distillation); ``pgd-at`` gives robust distillation."""
+class DistillOptions:
+    """Distillation's own options: the teacher, the objectives and their weights, the feature
+    loss and the student's input mask (module docstring)."""
 
-    method: str = "standard"
     teacher: str = "digits-cnn"
     teacher_checkpoint: str | None = None
     teacher_normalize: str | None = "default"
@@ -389,10 +387,8 @@ class DistillConfig(TrainConfig):
         items = self.objectives.split(",") if isinstance(self.objectives, str) else list(self.objectives or [])
         self.objectives = list(dict.fromkeys(str(o).strip().lower() for o in items if str(o).strip()))
         self.feature_loss = str(self.feature_loss).strip().lower()
-        super().__post_init__()
 
     def validate(self) -> None:
-        super().validate()
         if not self.objectives:
             raise UsageError(f"--objectives needs at least one of {', '.join(OBJECTIVES)}.")
         for o in self.objectives:
@@ -411,8 +407,8 @@ class DistillConfig(TrainConfig):
         if self.student_mask_patch is not None and self.student_mask_patch < 1:
             raise UsageError(f"--mask-patch must be at least 1 pixel, got {self.student_mask_patch}.")
 
-    def make_strategy(self) -> DistillStrategy:
-        base = super().make_strategy()
+    def make_strategy(self, base: Any) -> DistillStrategy:
+        """``base`` (the method's strategy) wrapped with the teacher and these objectives."""
         teacher = load_teacher(self.teacher, self.teacher_checkpoint, self.teacher_normalize)
         return DistillStrategy(
             base, teacher, objectives=tuple(self.objectives), temperature=self.temperature,
@@ -420,6 +416,27 @@ class DistillConfig(TrainConfig):
             ce_weight=self.ce_weight, feature_loss=self.feature_loss, mask_ratio=self.student_mask_ratio,
             mask_patch=self.student_mask_patch, teacher_source=self.teacher_checkpoint,
         )  # fmt: skip
+
+
+@flat_options
+@dataclass
+class DistillConfig(TrainConfig):
+    """A :class:`~robustkit.training.loop.TrainConfig` (``model`` is the student) plus the teacher and the
+    distillation options in ``distill`` (:class:`DistillOptions`; also taken and read flat, e.g.
+    ``DistillConfig(teacher="digits-cnn")``). ``method`` defaults to ``standard`` (plain
+    distillation); ``pgd-at`` gives robust distillation."""
+
+    OPTION_GROUPS = ("trick", "distill")
+
+    method: str = "standard"
+    distill: DistillOptions = field(default_factory=DistillOptions)
+
+    def validate(self) -> None:
+        super().validate()
+        self.distill.validate()
+
+    def make_strategy(self) -> DistillStrategy:
+        return self.distill.make_strategy(super().make_strategy())
 
 
 def distill(config: DistillConfig, *, progress: ProgressFn | None = None, model: Any = None) -> TrainResult:

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import yaml
@@ -107,6 +107,39 @@ def _eps_text(eps: float) -> str | float:
     return eps
 
 
+C = TypeVar("C", bound=type)
+
+
+def _group_class(cls: type, group: str) -> type:
+    f = next(f for f in dataclasses.fields(cls) if f.name == group)
+    assert callable(f.default_factory), f"option group {group} needs a default_factory"
+    return f.default_factory  # type: ignore[return-value]
+
+
+def flat_options(cls: C) -> C:
+    """Class decorator (after ``@dataclass``): the generated ``__init__`` also takes every method
+    option flat and puts it into its group (``TrainConfig(mask_ratio=0.5)`` sets ``trick``)."""
+    generated = cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        picked: dict[str, dict[str, Any]] = {}
+        for name, group in cls.option_keys().items():  # type: ignore[attr-defined]
+            if name in kwargs:
+                picked.setdefault(group, {})[name] = kwargs.pop(name)
+        for group, values in picked.items():
+            base = kwargs.get(group) or _group_class(cls, group)()
+            try:
+                kwargs[group] = dataclasses.replace(base, **values)
+            except TypeError as e:
+                raise UsageError(f"Bad training config: {e}.") from None
+        generated(self, *args, **kwargs)
+
+    __init__.__doc__ = generated.__doc__
+    cls.__init__ = __init__  # type: ignore[misc]
+    return cls
+
+
+@flat_options
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; round-trips through YAML (:meth:`to_yaml`).
@@ -121,7 +154,14 @@ class TrainConfig:
     final weights are the EMA ones. ``mix`` (mixup, cutmix or sdmp; :mod:`robustkit.training.mixing`)
     mixes every training batch before the method makes it adversarial and trains on soft labels;
     ``mix_alpha`` is the Beta(alpha, alpha) of mixup and CutMix.
+
+    Options of one method live in that method's own dataclass, held in a field named in
+    :attr:`OPTION_GROUPS` (here ``trick``: the FGSM tricks' settings; DAT, distillation and PubDef
+    add theirs). Their fields are accepted as keywords (``TrainConfig(mask_ratio=0.5)``), read as
+    attributes (``config.mask_ratio``) and written flat in ``to_dict``/YAML, as before.
     """
+
+    OPTION_GROUPS: ClassVar[tuple[str, ...]] = ("trick",)
 
     method: str = "pgd-at"
     model: str = "digits-cnn"
@@ -157,12 +197,7 @@ class TrainConfig:
     attack_step_size: float | None = None
     beta: float | None = None
     tricks: list[str] = field(default_factory=list)
-    mask_ratio: float = 0.4
-    mask_pattern: str = "random"
-    stride: int = 2
-    activation: str = "silu"
-    reg_lambda: float = 0.1
-    reg_p: float = 2.0
+    trick: TrickOptions = field(default_factory=TrickOptions)  # the tricks' settings (--mask-ratio, --stride, ...)
     mix: str | None = None
     mix_alpha: float = 1.0
     co_every: int = 0
@@ -231,10 +266,7 @@ class TrainConfig:
         return ThreatModel(self.norm, self.eps)
 
     def trick_options(self) -> TrickOptions:
-        return TrickOptions(
-            tuple(self.tricks), mask_ratio=self.mask_ratio, mask_pattern=self.mask_pattern, stride=self.stride,
-            activation=self.activation, reg_lambda=self.reg_lambda, reg_p=self.reg_p,
-        )  # fmt: skip
+        return dataclasses.replace(self.trick, tricks=tuple(self.tricks))
 
     def strategy_options(self) -> dict[str, Any]:
         return {
@@ -251,10 +283,33 @@ class TrainConfig:
             return self.schedule
         return build_strategy(self.method, self.threat(), **self.strategy_options()).default_schedule
 
+    # -- method option groups ---------------------------------------------------------------
+    @classmethod
+    def option_keys(cls) -> dict[str, str]:
+        """``{flat option name: its group field}`` for every option of :attr:`OPTION_GROUPS`."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        keys: dict[str, str] = {}
+        for group in cls.OPTION_GROUPS:
+            for f in dataclasses.fields(_group_class(cls, group)):
+                if f.name not in own:
+                    keys[f.name] = group
+        return keys
+
+    def __getattr__(self, name: str) -> Any:
+        """A method option read flat (``config.mask_ratio``) comes from its group."""
+        group = type(self).option_keys().get(name) if not name.startswith("__") else None
+        if group is None or group not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.__dict__[group], name)
+
     # -- serialization -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML types; ``eps`` as ``k/255`` text when exact."""
+        """Plain JSON/YAML types, the method options flat; ``eps`` as ``k/255`` text when exact."""
         d = dataclasses.asdict(self)
+        for name, group in type(self).option_keys().items():
+            d[name] = d[group][name]
+        for group in type(self).OPTION_GROUPS:
+            d.pop(group)
         d["eps"] = _eps_text(self.eps)
         return d
 
@@ -263,7 +318,7 @@ class TrainConfig:
         """Build from a mapping (YAML); unknown keys are a one-line error with a did-you-mean."""
         if not isinstance(data, dict):
             raise UsageError(f"A training config must be a mapping of option: value, got {type(data).__name__}.")
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in cls.OPTION_GROUPS] + list(cls.option_keys())
         clean = {str(k).replace("-", "_"): v for k, v in data.items()}
         unknown = [k for k in clean if k not in names]
         if unknown:
@@ -292,6 +347,7 @@ class TrainConfig:
         except yaml.YAMLError as e:
             raise UsageError(f"Cannot read the training config as YAML ({str(e).splitlines()[0]}).") from None
         return cls.from_dict(data)
+
 
 
 # -- results and progress ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import click
 from rich.text import Text
 
 from robustkit.cli.console import err
-from robustkit.cli.train_common import VALUE_OPTIONS, command_line_values, default_out, run_training, train_options
+from robustkit.cli.train_common import VALUE_OPTIONS, resolve_config, run_training, train_options
 
 SELECTION_HELP = ("Source selection per batch: random (default; one source drawn uniformly per example, the "
                   "reference's), top1 (the source with the highest loss per example), exp (all sources, weighted "
@@ -57,16 +57,9 @@ def train_pubdef_cmd(tricks: tuple[str, ...], eval_attacks: tuple[str, ...], con
     # lazy: imports torch (the CLI must not at import time)
     from robustkit.training.pubdef import PubDefConfig, train_pubdef
 
-    values: dict[str, Any] = {}
-    if config_file:
-        values.update(PubDefConfig.from_yaml(Path(config_file)).to_dict())
-    values["method"] = "pubdef"
-    values.update(command_line_values(click.get_current_context(), options, tricks, eval_attacks))
-    if not values.get("out") and not dump_config:
-        values["out"] = default_out("pubdef", values.get("model", "digits-cnn"))
-    config = PubDefConfig.from_dict(values)
-    if dump_config:
-        click.echo(config.to_yaml(), nl=False)
+    config = resolve_config(PubDefConfig, click.get_current_context(), options, tricks, eval_attacks, config_file,
+                            dump_config, method="pubdef", out_prefix="pubdef")
+    if config is None:
         return
     kept: list[Any] = []
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import click
@@ -108,6 +109,27 @@ def command_line_values(ctx: click.Context, options: dict[str, Any], tricks: tup
     if isinstance(values.get("attack_step_size"), str):
         values["attack_step_size"] = parse_eps(values["attack_step_size"])
     return values
+
+
+def resolve_config(cls: Any, ctx: click.Context, options: dict[str, Any], tricks: tuple[str, ...],
+                   eval_attacks: tuple[str, ...], config_file: str | None, dump_config: bool, *,
+                   method: str | None, out_prefix: str) -> Any:
+    """The config ``cls`` of a ``robustkit train NAME`` command: ``--config FILE``, then ``method``,
+    then the command line, ``--out`` defaulting to ``runs/OUT_PREFIX-MODEL``. With ``--dump-config``
+    it prints the YAML and returns None."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(cls.from_yaml(Path(config_file)).to_dict())
+    if method is not None:
+        values["method"] = method
+    values.update(command_line_values(ctx, options, tricks, eval_attacks))
+    if not values.get("out") and not dump_config:
+        values["out"] = default_out(out_prefix, values.get("model", "digits-cnn"))
+    config = cls.from_dict(values)
+    if dump_config:
+        click.echo(config.to_yaml(), nl=False)
+        return None
+    return config
 
 
 def default_out(prefix: str, model: object) -> str:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import torch
 from torch import nn
 
-from robustkit.data import Dataset, load_dataset
+from robustkit.data import Dataset
 from robustkit.defenses.adversarial_training import StepOutput
 from robustkit.errors import UserError
 from robustkit.evaluation.grid import EvalSpec, run_grid
@@ -88,8 +88,7 @@ class RunHooks:
 
     def training_data(self, config: TrainConfig) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
         """The training set and the images and labels the epochs visit (DAT adds unlabeled images)."""
-        data = load_dataset(config.dataset, data_dir=config.data_dir, split=config.split,
-                            n_examples=config.n_examples)
+        data = config.training_set()
         return data, data.x, data.y
 
     def optimizer(self, config: TrainConfig, trained: nn.Module) -> torch.optim.Optimizer:

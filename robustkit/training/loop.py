@@ -46,7 +46,7 @@ import torch
 import yaml
 from torch import nn
 
-from robustkit.data import Dataset, load_held_out
+from robustkit.data import Dataset
 from robustkit.defenses.adversarial_training import build_strategy
 from robustkit.defenses.fgsm_tricks import TrickOptions
 from robustkit.errors import CheckpointError, UsageError
@@ -77,6 +77,7 @@ from robustkit.registry import MODELS
 from robustkit.threat import ThreatModel
 from robustkit.training.co_detector import COCheck, CODetector
 from robustkit.training.hooks import RunHooks, TrainingHooks
+from robustkit.training.inputs import RunInputs
 from robustkit.training.mixing import make_mixer
 from robustkit.training.optim import OPTIMIZERS, SCHEDULES, lr_factor
 from robustkit.units import parse_eps
@@ -141,7 +142,7 @@ def flat_options(cls: C) -> C:
 
 @flat_options
 @dataclass
-class TrainConfig:
+class TrainConfig(RunInputs):
     """Everything that defines a training run; round-trips through YAML (:meth:`to_yaml`).
 
     ``eps`` accepts ``8/255`` text in YAML. ``schedule=None`` uses the method's default
@@ -163,17 +164,8 @@ class TrainConfig:
 
     OPTION_GROUPS: ClassVar[tuple[str, ...]] = ("trick",)
 
+    model: str = "digits-cnn"  # type: ignore[assignment]  # RunInputs: None
     method: str = "pgd-at"
-    model: str = "digits-cnn"
-    checkpoint: str | None = None
-    normalize: str | None = "default"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    split: str = "train"
-    n_examples: int | None = None
-    val_dataset: str | None = None
-    val_split: str = "test"
-    val_size: int = 256
     norm: str = "linf"
     eps: float = 0.1
     eps_warmup_epochs: float = 0.0
@@ -311,7 +303,7 @@ class TrainConfig:
         for group in type(self).OPTION_GROUPS:
             d.pop(group)
         d["eps"] = _eps_text(self.eps)
-        return d
+        return {"method": d.pop("method"), **d}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -715,10 +707,7 @@ def train(config: TrainConfig, *, progress: ProgressFn | None = None, model: Zoo
     saved = run.shared(lambda: _read_checkpoint(ckpts, config, out))
 
     data, train_x, train_y = run.training_data(config)
-    val = None
-    if config.val_size and run.primary:
-        val = load_held_out(config.val_dataset or config.dataset, data_dir=config.data_dir, split=config.val_split,
-                            size=config.val_size)
+    val = config.held_out() if run.primary else None
 
     torch.manual_seed(config.seed)
     zoo = model if model is not None else build_training_model(config, data)

@@ -41,7 +41,7 @@ from torch import nn
 
 from robustkit import __version__
 from robustkit.attacks.transfer import diversify, normalize_gradient
-from robustkit.data import Dataset, load_dataset, load_held_out
+from robustkit.data import Dataset
 from robustkit.defenses.adversarial_training import StepOutput
 from robustkit.errors import UsageError
 from robustkit.evaluation.runner import resolve_device
@@ -58,13 +58,14 @@ from robustkit.models.prompted import (
 )
 from robustkit.paths import check_dir
 from robustkit.training.hooks import RunHooks
+from robustkit.training.inputs import RunInputs
 from robustkit.training.loop import EpochLoop, TrainConfig, TrainEvent
 
 SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
-class PromptConfig:
+class PromptConfig(RunInputs):
     """Everything that defines a prompt-training run (``robustkit train prompt`` options).
 
     ``prompt_size=None``: the paper's 30 px at 224 px, scaled to the backbone's input (4 at 32).
@@ -75,16 +76,6 @@ class PromptConfig:
     give the clean accuracy after every epoch (0: none).
     """
 
-    model: str | None = None
-    checkpoint: str | None = None
-    normalize: str | None = "default"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    split: str = "train"
-    n_examples: int | None = None
-    val_dataset: str | None = None
-    val_split: str = "test"
-    val_size: int = 256
     prompt_size: int | None = None
     label_map: str = "auto"
     epochs: int = 1000
@@ -324,10 +315,9 @@ def train_prompt(config: PromptConfig, *, backbone: nn.Module | None = None, dat
             raise UsageError("Name the frozen backbone with --model (and its weights with --checkpoint).")
         backbone = load_model(config.model, config.checkpoint, normalize=config.normalize)
     if data is None:
-        data = load_dataset(config.dataset, data_dir=config.data_dir, split=config.split, n_examples=config.n_examples)
-    if val is None and config.val_size:
-        val = load_held_out(config.val_dataset or config.dataset, data_dir=config.data_dir, split=config.val_split,
-                            size=config.val_size)
+        data = config.training_set()
+    if val is None:
+        val = config.held_out()
 
     torch.manual_seed(config.seed)
     model, kind = build_prompted_model(config, backbone, data, device)

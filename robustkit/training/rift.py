@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkit.attacks import PGD
-from robustkit.data import Dataset, load_dataset, load_held_out
+from robustkit.data import Dataset
 from robustkit.defenses.adversarial_training import ascend
 from robustkit.errors import UsageError
 from robustkit.evaluation.runner import check_model_fits, resolve_device
@@ -69,6 +69,7 @@ from robustkit.models.sidecar import (
 from robustkit.paths import check_dir
 from robustkit.threat import ThreatModel
 from robustkit.training.hooks import RunHooks
+from robustkit.training.inputs import RunInputs
 from robustkit.training.loop import EpochLoop, TrainConfig, TrainEvent, _fingerprint
 from robustkit.units import parse_eps
 
@@ -81,7 +82,7 @@ ProgressFn = Callable[[dict[str, Any]], None]
 
 
 @dataclass
-class RiftConfig:
+class RiftConfig(RunInputs):
     """Everything that defines a RiFT run (``robustkit train rift`` options); defaults are the
     reference's except the data sizes and ``eps`` (0.1, the digits default; the paper's 8/255).
 
@@ -92,16 +93,6 @@ class RiftConfig:
     ``--layer``); ``criticality_only`` stops after the table (the reference's ``--cal_mrc``).
     """
 
-    model: str | None = None
-    checkpoint: str | None = None
-    normalize: str | None = "default"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    split: str = "train"
-    n_examples: int | None = None
-    val_dataset: str | None = None
-    val_split: str = "test"
-    val_size: int = 256
     norm: str = "linf"
     eps: float = 0.1
     attack_steps: int = 10
@@ -527,9 +518,9 @@ def load_at_model(config: RiftConfig, data: Dataset) -> tuple[ZooModel, dict[str
 
 
 def _datasets(config: RiftConfig) -> tuple[Dataset, Dataset]:
-    data = load_dataset(config.dataset, data_dir=config.data_dir, split=config.split, n_examples=config.n_examples)
-    return data, load_held_out(config.val_dataset or config.dataset, data_dir=config.data_dir,
-                               split=config.val_split, size=config.val_size)
+    val = config.held_out()
+    assert val is not None  # validate(): val_size >= 1
+    return config.training_set(), val
 
 
 def run_rift(config: RiftConfig, *, progress: ProgressFn | None = None, model: ZooModel | None = None,

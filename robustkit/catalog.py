@@ -21,11 +21,13 @@ def catalog(
     if source == "robustbench":
         if what != "models":
             raise UsageError(f"--source robustbench lists models, not {what}.")
+        # lazy: RobustBench's zoo only for --source robustbench (optional extra)
         from robustkit.models.robustbench import zoo_catalog
 
         return zoo_catalog(dataset, threat_model)
     if dataset or threat_model:
         raise UsageError("--dataset and --threat-model select RobustBench's zoo; add --source robustbench.")
+    # lazy registry: importing the plug-ins registers them (and loads torch) only when listed
     import robustkit.attacks  # noqa: F401  (registers attacks)
     import robustkit.data  # noqa: F401
     import robustkit.defenses  # noqa: F401

@@ -6,7 +6,9 @@ import click
 from rich.table import Table
 from rich.text import Text
 
+from robustkit.catalog import catalog
 from robustkit.cli.console import out
+from robustkit.registry import DEFENSES
 
 
 @click.command("list")
@@ -23,11 +25,9 @@ def list_cmd(what: str, source: str, dataset: str | None, threat_model: str | No
       robustkit list models
       robustkit list models --source robustbench --dataset cifar10 --threat-model Linf
     """
-    from robustkit.catalog import catalog
-    from robustkit.registry import DEFENSES
-
     rows = catalog(what, source=source, dataset=dataset, threat_model=threat_model)
     if source == "robustbench":  # names never cut: they are what --model robustbench:NAME takes
+        # lazy: imports torch (the CLI must not at import time)
         from robustkit.models.robustbench import parse_ref
 
         refs = [parse_ref(name) for name, _, _ in rows]

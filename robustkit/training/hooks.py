@@ -32,7 +32,9 @@ from robustkit.models.sidecar import read_sidecar, sidecar_model_name
 from robustkit.training.optim import make_optimizer
 
 if TYPE_CHECKING:  # annotations only: the loop imports this module
-    from robustkit.training.loop import EMA, TrainConfig, TrainResult
+    from robustkit.training.checkpoints import EMA
+    from robustkit.training.config import TrainConfig
+    from robustkit.training.loop import TrainResult
 
 T = TypeVar("T")
 

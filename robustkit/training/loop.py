@@ -5,6 +5,9 @@ Training methods are strategies registered in ``DEFENSES`` with ``kind = "traini
 optimizer and its schedule, autocast, channels_last, gradient clipping, EMA weights, the
 catastrophic-overfitting detector, per-epoch checkpoints with resume, metrics files, and the
 final ``.safetensors`` weights with a JSON sidecar that ``read_sidecar`` reads back.
+:class:`EpochLoop` is the one loop (DAT, RiFT's fine-tuning and prompting run it too, through
+their :class:`~robustkit.training.hooks.RunHooks`); :func:`train` runs it with checkpoints
+(:mod:`robustkit.training.checkpoints`) for a :class:`~robustkit.training.config.TrainConfig`.
 
 Files written under ``config.out``::
 
@@ -25,32 +28,23 @@ run resumed from its last epoch checkpoint ends with the same weights as an unin
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import difflib
 import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from robustkit.data import Dataset
-from robustkit.defenses.adversarial_training import build_strategy
-from robustkit.defenses.fgsm_tricks import TrickOptions
-from robustkit.errors import CheckpointError, UsageError
-from robustkit.evaluation.attack_spec import canonical_attack
+from robustkit.errors import UsageError
 from robustkit.evaluation.runner import check_model_fits
 from robustkit.models import (
     Normalize,
@@ -59,7 +53,6 @@ from robustkit.models import (
     file_sha256,
     is_external,
     load_model,
-    load_state_dict,
     model_info,
     parse_normalize,
 )
@@ -72,274 +65,27 @@ from robustkit.models.sidecar import (
     versions,
     write_text,
 )
-from robustkit.paths import check_dir
 from robustkit.registry import MODELS
-from robustkit.threat import ThreatModel
+from robustkit.training.checkpoints import (
+    EMA,
+    _check_resumable,
+    _Checkpoints,
+    _clone_optimizer_state,
+    _write_metrics,
+)
 from robustkit.training.co_detector import COCheck, CODetector
+from robustkit.training.config import TrainConfig, flat_options
 from robustkit.training.hooks import RunHooks, TrainingHooks
-from robustkit.training.inputs import RunInputs
 from robustkit.training.mixing import make_mixer
-from robustkit.training.optim import OPTIMIZERS, SCHEDULES, lr_factor
-from robustkit.units import parse_eps
+from robustkit.training.optim import lr_factor
 
 log = logging.getLogger("robustkit.training.loop")
 
-ON_CO = ("continue", "stop", "rollback")
-AUTOCAST = ("bf16", "fp16")
-#: Config keys that may differ between a run and its resumption.
-RESUMABLE_CHANGES = frozenset(
-    {"resume", "epochs", "device", "eval_attacks", "eval_n_examples", "db", "out", "dist_timeout"}
-)
+#: TrainConfig, flat_options (training/config.py) and EMA (training/checkpoints.py) are imported from here too.
+__all__ = ["EMA", "EpochLoop", "TrainConfig", "TrainEvent", "TrainResult", "build_training_model", "flat_options",
+           "train"]
+
 MAX_ROLLBACKS = 3
-METRIC_COLUMNS = (
-    "epoch", "steps", "lr", "loss", "train_acc", "clean_acc", "fgsm_acc", "pgd_acc", "co", "co_reason",
-    "seconds", "eval_seconds", "rollbacks",
-)  # fmt: skip
-
-
-# -- configuration --------------------------------------------------------------------------
-
-
-def _eps_text(eps: float) -> str | float:
-    """``8/255`` when that is exactly ``eps``, else the number (kept exact in YAML)."""
-    k = round(eps * 255)
-    if k and float(Fraction(k, 255)) == eps:
-        return f"{k}/255"
-    return eps
-
-
-C = TypeVar("C", bound=type)
-
-
-def _group_class(cls: type, group: str) -> type:
-    f = next(f for f in dataclasses.fields(cls) if f.name == group)
-    assert callable(f.default_factory), f"option group {group} needs a default_factory"
-    return f.default_factory  # type: ignore[return-value]
-
-
-def flat_options(cls: C) -> C:
-    """Class decorator (after ``@dataclass``): the generated ``__init__`` also takes every method
-    option flat and puts it into its group (``TrainConfig(mask_ratio=0.5)`` sets ``trick``)."""
-    generated = cls.__init__
-
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        picked: dict[str, dict[str, Any]] = {}
-        for name, group in cls.option_keys().items():  # type: ignore[attr-defined]
-            if name in kwargs:
-                picked.setdefault(group, {})[name] = kwargs.pop(name)
-        for group, values in picked.items():
-            base = kwargs.get(group) or _group_class(cls, group)()
-            try:
-                kwargs[group] = dataclasses.replace(base, **values)
-            except TypeError as e:
-                raise UsageError(f"Bad training config: {e}.") from None
-        generated(self, *args, **kwargs)
-
-    __init__.__doc__ = generated.__doc__
-    cls.__init__ = __init__  # type: ignore[misc]
-    return cls
-
-
-@flat_options
-@dataclass
-class TrainConfig(RunInputs):
-    """Everything that defines a training run; round-trips through YAML (:meth:`to_yaml`).
-
-    ``eps`` accepts ``8/255`` text in YAML. ``schedule=None`` uses the method's default
-    (``cyclic`` for fgsm-rs, ``multistep`` otherwise); ``milestones`` are fractions of the run.
-    ``val_size`` images of ``val_dataset`` (default: ``dataset``) split ``val_split`` form the
-    fixed held-out batch for the per-epoch clean/FGSM/PGD accuracy and the CO detector
-    (``val_size=0`` turns both off). ``eps_warmup_epochs`` ramps the training eps linearly from
-    0 (the held-out metrics always use the full eps). ``co_every`` adds a CO check every N steps (0: at epoch ends
-    only). ``ema`` is the decay of an exponential moving average of the weights; when set, the
-    final weights are the EMA ones. ``mix`` (mixup, cutmix or sdmp; :mod:`robustkit.training.mixing`)
-    mixes every training batch before the method makes it adversarial and trains on soft labels;
-    ``mix_alpha`` is the Beta(alpha, alpha) of mixup and CutMix.
-
-    Options of one method live in that method's own dataclass, held in a field named in
-    :attr:`OPTION_GROUPS` (here ``trick``: the FGSM tricks' settings; DAT, distillation and PubDef
-    add theirs). Their fields are accepted as keywords (``TrainConfig(mask_ratio=0.5)``), read as
-    attributes (``config.mask_ratio``) and written flat in ``to_dict``/YAML, as before.
-    """
-
-    OPTION_GROUPS: ClassVar[tuple[str, ...]] = ("trick",)
-
-    model: str = "digits-cnn"  # type: ignore[assignment]  # RunInputs: None
-    method: str = "pgd-at"
-    norm: str = "linf"
-    eps: float = 0.1
-    eps_warmup_epochs: float = 0.0
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    schedule: str | None = None
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    grad_clip: float | None = None
-    ema: float | None = None
-    autocast: str | None = None
-    channels_last: bool = False
-    same_budget: bool = False
-    attack_steps: int | None = None
-    attack_step_size: float | None = None
-    beta: float | None = None
-    tricks: list[str] = field(default_factory=list)
-    trick: TrickOptions = field(default_factory=TrickOptions)  # the tricks' settings (--mask-ratio, --stride, ...)
-    mix: str | None = None
-    mix_alpha: float = 1.0
-    co_every: int = 0
-    on_co: str = "continue"
-    co_ratio: float = 1 / 3
-    co_gap: float = 0.2
-    co_min_best: float = 0.1
-    co_patience: int = 2
-    seed: int = 0
-    device: str = "auto"
-    out: str | None = None
-    resume: bool = False
-    eval_attacks: list[str] = field(default_factory=list)
-    eval_n_examples: int | None = None
-    db: str | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.eps, str):
-            self.eps = parse_eps(self.eps)
-        self.tricks = list(dict.fromkeys(str(t).strip().lower() for t in self.tricks or []))
-        self.eval_attacks = list(self.eval_attacks or [])
-        self.milestones = [float(m) for m in self.milestones]
-        self.validate()
-
-    # -- checks ----------------------------------------------------------------------------
-    def validate(self) -> None:
-        """Raise a one-line UsageError for any value out of range (names are checked too)."""
-        self.threat()
-        build_strategy(self.method, self.threat(), **self.strategy_options())
-        mixer = make_mixer(self.mix, 2, self.mix_alpha)
-        self.mix = mixer.name if mixer else None
-        for name, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
-                                 ("--val-size", self.val_size, 0), ("--co-every", self.co_every, 0),
-                                 ("--co-patience", self.co_patience, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UsageError(f"{name} must be an integer >= {low}, got {value!r}.")
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr must be a positive number, got {self.lr!r}.")
-        if self.optimizer.lower() not in OPTIMIZERS:
-            raise UsageError(f"Unknown optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}.")
-        if self.schedule is not None and self.schedule not in SCHEDULES:
-            raise UsageError(f"Unknown schedule {self.schedule!r}; accepted: {', '.join(SCHEDULES)}.")
-        if self.on_co not in ON_CO:
-            raise UsageError(f"Unknown --on-co {self.on_co!r}; accepted: {', '.join(ON_CO)}.")
-        if self.autocast is not None and self.autocast not in AUTOCAST:
-            raise UsageError(f"--autocast must be bf16 or fp16, got {self.autocast!r}.")
-        if self.ema is not None and not 0 < self.ema < 1:
-            raise UsageError(f"--ema is a decay in (0, 1), e.g. 0.999; got {self.ema!r}.")
-        if not (isinstance(self.eps_warmup_epochs, int | float) and self.eps_warmup_epochs >= 0):
-            raise UsageError(f"--eps-warmup-epochs must be >= 0, got {self.eps_warmup_epochs!r}.")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise UsageError(f"--grad-clip must be positive, got {self.grad_clip!r}.")
-        if self.n_examples is not None and self.n_examples < 1:
-            raise UsageError(f"--n-examples must be at least 1, got {self.n_examples}.")
-        if self.out is not None:
-            check_dir(self.out, "--out")
-        if self.eval_attacks:
-            if self.out is None:
-                raise UsageError("--eval evaluates the saved checkpoint; give --out as well.")
-            for name in self.eval_attacks:
-                canonical_attack(name)  # unknown attacks fail before training, not after
-        if not 0 < self.co_ratio < 1 or not 0 <= self.co_gap <= 1 or not 0 <= self.co_min_best <= 1:
-            raise UsageError("co_ratio must be in (0, 1) and co_gap, co_min_best in [0, 1].")
-
-    def threat(self) -> ThreatModel:
-        return ThreatModel(self.norm, self.eps)
-
-    def trick_options(self) -> TrickOptions:
-        return dataclasses.replace(self.trick, tricks=tuple(self.tricks))
-
-    def strategy_options(self) -> dict[str, Any]:
-        return {
-            "steps": self.attack_steps, "step_size": self.attack_step_size, "beta": self.beta,
-            "tricks": self.trick_options(), "seed": self.seed,
-        }  # fmt: skip
-
-    def make_strategy(self) -> TrainingHooks:
-        """The training strategy the loop calls (subclasses such as distillation wrap it)."""
-        return build_strategy(self.method, self.threat(), **self.strategy_options())
-
-    def resolved_schedule(self) -> str:
-        if self.schedule is not None:
-            return self.schedule
-        return build_strategy(self.method, self.threat(), **self.strategy_options()).default_schedule
-
-    # -- method option groups ---------------------------------------------------------------
-    @classmethod
-    def option_keys(cls) -> dict[str, str]:
-        """``{flat option name: its group field}`` for every option of :attr:`OPTION_GROUPS`."""
-        own = {f.name for f in dataclasses.fields(cls)}
-        keys: dict[str, str] = {}
-        for group in cls.OPTION_GROUPS:
-            for f in dataclasses.fields(_group_class(cls, group)):
-                if f.name not in own:
-                    keys[f.name] = group
-        return keys
-
-    def __getattr__(self, name: str) -> Any:
-        """A method option read flat (``config.mask_ratio``) comes from its group."""
-        group = type(self).option_keys().get(name) if not name.startswith("__") else None
-        if group is None or group not in self.__dict__:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(self.__dict__[group], name)
-
-    # -- serialization -----------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML types, the method options flat; ``eps`` as ``k/255`` text when exact."""
-        d = dataclasses.asdict(self)
-        for name, group in type(self).option_keys().items():
-            d[name] = d[group][name]
-        for group in type(self).OPTION_GROUPS:
-            d.pop(group)
-        d["eps"] = _eps_text(self.eps)
-        return {"method": d.pop("method"), **d}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping (YAML); unknown keys are a one-line error with a did-you-mean."""
-        if not isinstance(data, dict):
-            raise UsageError(f"A training config must be a mapping of option: value, got {type(data).__name__}.")
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in cls.OPTION_GROUPS] + list(cls.option_keys())
-        clean = {str(k).replace("-", "_"): v for k, v in data.items()}
-        unknown = [k for k in clean if k not in names]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UsageError(f"Unknown training option {unknown[0]!r}.{hint}")
-        try:
-            return cls(**clean)
-        except TypeError as e:
-            raise UsageError(f"Bad training config: {e}.") from None
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_yaml(cls, text_or_path: str | os.PathLike[str]) -> TrainConfig:
-        """Read a config from YAML text or a ``.yaml``/``.yml`` file path."""
-        text = str(text_or_path)
-        path = Path(text)
-        if isinstance(text_or_path, os.PathLike) or ("\n" not in text and path.suffix.lower() in (".yaml", ".yml")):
-            if not path.is_file():
-                raise UsageError(f"Config file not found: {path}.")
-            text = path.read_text()
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise UsageError(f"Cannot read the training config as YAML ({str(e).splitlines()[0]}).") from None
-        return cls.from_dict(data)
-
 
 
 # -- results and progress ------------------------------------------------------------------------
@@ -382,30 +128,6 @@ class TrainResult:
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-class EMA:
-    """Exponential moving average of a model's floating-point state (buffers copied as they are)."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            s = self.shadow[k]
-            if v.dtype.is_floating_point:
-                s.lerp_(v.detach(), 1 - self.decay)
-            else:
-                s.copy_(v)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for k, v in state.items():
-            self.shadow[k].copy_(v)
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 12_345) % (2**63)
 
@@ -439,114 +161,6 @@ def build_training_model(config: TrainConfig, data: Dataset) -> ZooModel:
             )
         layer = Normalize(*mean_std)
     return ZooModel(key, info, net, layer).train()
-
-
-# -- checkpoints ----------------------------------------------------------------------------------
-
-
-class _Checkpoints:
-    """Per-epoch checkpoints under ``out/checkpoint``: a new folder per epoch, then ``state.json``
-    is replaced atomically to point at it, then older folders are removed — a kill at any moment
-    leaves a consistent latest checkpoint."""
-
-    def __init__(self, out: Path):
-        self.root = out / "checkpoint"
-        self.state_path = self.root / "state.json"
-
-    def exists(self) -> bool:
-        return self.state_path.is_file()
-
-    def read_state(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.state_path.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"Cannot read the training checkpoint {self.state_path} ({e}).") from None
-
-    def save(
-        self, epoch: int, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-        ema: EMA | None, healthy: dict[str, Any] | None, aux: nn.Module | None = None,
-    ) -> None:  # fmt: skip
-        self.root.mkdir(parents=True, exist_ok=True)
-        name = f"epoch-{epoch:04d}"
-        folder = self.root / name
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp = self.root / f".{name}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_safetensors(model.state_dict(), tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if ema is not None:
-            save_safetensors(ema.state_dict(), tmp / "ema.safetensors")
-        if aux is not None:
-            save_safetensors(aux.state_dict(), tmp / "aux.safetensors")
-        if healthy is not None:
-            save_safetensors(healthy["model"], tmp / "healthy.safetensors")
-            torch.save(healthy["optimizer"], tmp / "healthy_optimizer.pt")
-            if healthy.get("ema") is not None:
-                save_safetensors(healthy["ema"], tmp / "healthy_ema.safetensors")
-            if healthy.get("aux") is not None:
-                save_safetensors(healthy["aux"], tmp / "healthy_aux.safetensors")
-        os.replace(tmp, folder)
-        write_text(self.state_path, json.dumps({**state, "dir": name}, indent=1))
-        for old in self.root.iterdir():
-            if old.is_dir() and old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-
-    def load(
-        self, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None,
-        aux: nn.Module | None = None,
-    ) -> dict[str, Any] | None:  # fmt: skip
-        """Load weights, optimizer and EMA into place; return the healthy snapshot, if saved."""
-        folder = self.root / state["dir"]
-        try:
-            model.load_state_dict(load_state_dict(folder / "model.safetensors"))
-        except RuntimeError as e:
-            first = str(e).splitlines()[0]
-            raise CheckpointError(f"The checkpoint in {folder} does not fit this model ({first}).") from None
-        if aux is not None:
-            if not (folder / "aux.safetensors").is_file():
-                raise CheckpointError(f"{folder} has no aux.safetensors (the strategy's extra modules).")
-            aux.load_state_dict(load_state_dict(folder / "aux.safetensors"))
-        optimizer.load_state_dict(_torch_load(folder / "optimizer.pt"))
-        if ema is not None:
-            if not (folder / "ema.safetensors").is_file():
-                raise CheckpointError(f"{folder} has no EMA weights but --ema is set; resume with the same options.")
-            ema.load_state_dict(load_state_dict(folder / "ema.safetensors"))
-        if (folder / "healthy.safetensors").is_file():
-            return {
-                "model": load_state_dict(folder / "healthy.safetensors"),
-                "optimizer": _torch_load(folder / "healthy_optimizer.pt"),
-                "ema": load_state_dict(folder / "healthy_ema.safetensors")
-                if (folder / "healthy_ema.safetensors").is_file()
-                else None,
-                "aux": load_state_dict(folder / "healthy_aux.safetensors")
-                if (folder / "healthy_aux.safetensors").is_file()
-                else None,
-                "best_pgd": state.get("healthy_best_pgd", 0.0),
-            }
-        return None
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means an unusable checkpoint
-        raise CheckpointError(f"Cannot read {path} safely ({type(e).__name__}: {e}).") from None
-
-
-def _write_metrics(out: Path, history: list[dict[str, Any]], checks: list[COCheck], extra: dict[str, Any]) -> None:
-    columns = list(METRIC_COLUMNS) + sorted({k for row in history for k in row} - set(METRIC_COLUMNS))
-    tmp = out / "metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: row.get(k, "") for k in columns})
-    os.replace(tmp, out / "metrics.csv")
-    payload = {"epochs": history, "co_checks": [c.as_dict() for c in checks], **extra}
-    write_text(out / "metrics.json", json.dumps(payload, indent=1))
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -912,32 +526,6 @@ def _same_budget(config: TrainConfig, strategy: TrainingHooks) -> TrainConfig:
 
 def _metrics_extra(detector: CODetector | None, stopped: bool) -> dict[str, Any]:
     return {"co_detected": bool(detector and detector.flagged), "stopped_early": stopped}
-
-
-def _clone_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
-    def clone(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return v.detach().to("cpu").clone()
-        if isinstance(v, dict):
-            return {k: clone(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clone(x) for x in v]
-        if isinstance(v, tuple):
-            return tuple(clone(x) for x in v)
-        return v
-
-    return clone(state)
-
-
-def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
-    now = config.to_dict()
-    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
-    if changed:
-        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in changed[:3])
-        raise UsageError(
-            f"--resume needs the options of the interrupted run; these differ: {shown}"
-            f"{', ...' if len(changed) > 3 else ''}."
-        )
 
 
 def _save_final(

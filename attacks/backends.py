@@ -104,6 +104,7 @@ class TorchAttacks(Attack):
     def canonical_variant(variant: str) -> str:
         """The class name as torchattacks spells it (when torchattacks is installed)."""
         try:
+            # optional extra (torchattacks, installed by hand)
             import torchattacks
         except ImportError:
             return variant
@@ -114,6 +115,7 @@ class TorchAttacks(Attack):
         return {"attack": variant}
 
     def config(self) -> dict[str, Any]:
+        # optional extra (torchattacks, installed by hand)
         import torchattacks
 
         return {"attack": self.attack_name, "version": torchattacks.__version__,
@@ -144,6 +146,7 @@ class PyAutoAttack(VersionOrList, Attack):
         self.version, self.attacks = self.resolve(version, attacks)
 
     def config(self) -> dict[str, Any]:
+        # optional extra (oracles: pyautoattack)
         import pyautoattack
 
         cfg: dict[str, Any] = {"version": self.version, "package": getattr(pyautoattack, "__version__", "")}
@@ -153,6 +156,7 @@ class PyAutoAttack(VersionOrList, Attack):
 
     def perturb(self, forward: Forward, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
                 generator: torch.Generator) -> AttackResult:
+        # optional extra (oracles: pyautoattack)
         from pyautoattack import AutoAttack
 
         model = _Logits(forward).eval()

@@ -28,6 +28,7 @@ The tricks come in two shapes:
 
 from __future__ import annotations
 
+import difflib
 import math
 import types
 from collections.abc import Callable
@@ -73,8 +74,6 @@ class TrickOptions:
         tricks = tuple(dict.fromkeys(str(t).strip().lower() for t in self.tricks))
         for t in tricks:
             if t not in TRICKS:
-                import difflib
-
                 close = difflib.get_close_matches(t, TRICKS, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise UsageError(f"Unknown trick {t!r}.{hint} Accepted: {', '.join(TRICKS)}.")

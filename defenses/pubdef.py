@@ -40,14 +40,20 @@ smoothed losses and the per-source pick counts are buffers of the strategy's ``a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkit.errors import CheckpointError, UsageError
-from robustkit.registry import DEFENSES
+from robustkit.attacks.transfer import TRANSFER_SUITE, craft_transfer
+from robustkit.errors import CheckpointError, UnknownNameError, UsageError
+from robustkit.evaluation.attack_spec import build_attack, canonical_attack
+from robustkit.evaluation.surrogates import load_surrogate, surrogate_labels
+from robustkit.models import is_external
+from robustkit.models.sidecar import read_sidecar
+from robustkit.registry import DEFENSES, MODELS
 from robustkit.threat import ThreatModel
 
 from .adversarial_training import StepOutput, TrainingStrategy
@@ -59,9 +65,6 @@ TRANSFER = "transfer"  # in ``attacks``: the whole transfer suite of the engine
 
 def source_attack_names(attacks: Sequence[str]) -> list[str]:
     """Canonical attack names, ``transfer`` expanded to the engine's transfer suite."""
-    from robustkit.attacks.transfer import TRANSFER_SUITE
-    from robustkit.evaluation.attack_spec import canonical_attack
-
     names: list[str] = []
     for a in attacks:
         for n in TRANSFER_SUITE if a.strip().lower() == TRANSFER else [a]:
@@ -139,7 +142,6 @@ class PubDef(TrainingStrategy):
 
     # -- the pool ------------------------------------------------------------------------
     def _build_attack(self, name: str) -> Any:
-        from robustkit.evaluation.attack_spec import build_attack
 
         options = {k: v for k, v in (("steps", self.attack_steps), ("step_size", self.attack_step_size))
                    if v is not None}
@@ -148,7 +150,6 @@ class PubDef(TrainingStrategy):
     def surrogate_models(self) -> list[tuple[str, nn.Module, str]]:
         """``(label, model, sha256)`` per surrogate, loaded once, in eval mode, parameters frozen."""
         if self._models is None:
-            from robustkit.evaluation.surrogates import load_surrogate, surrogate_labels
 
             names = [s if isinstance(s, str) else f"model{i}" for i, s in enumerate(self.surrogates)]
             labels = surrogate_labels(names, self.checkpoints) if all(isinstance(s, str) for s in self.surrogates) \
@@ -171,7 +172,6 @@ class PubDef(TrainingStrategy):
 
     def craft(self, k: int, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
         """Source ``k``'s transfer adversarial examples for ``(x, y)`` (detached)."""
-        from robustkit.attacks.transfer import craft_transfer
 
         models = self.surrogate_models()
         _, model, _ = models[k // len(self.attack_names)]
@@ -259,23 +259,14 @@ class SourceStats(nn.Module):
 
 def _check_surrogate(name: str | nn.Module, checkpoint: str | None) -> None:
     """Fail early, in one sentence, on an unknown surrogate name or a missing checkpoint file."""
-    from pathlib import Path
-
     if not isinstance(name, str):
         return
     if checkpoint and not Path(checkpoint).expanduser().is_file():
         raise CheckpointError(f"Surrogate checkpoint file not found: {checkpoint}.")
-    from robustkit.models import is_external
-    from robustkit.registry import MODELS
-
     if is_external(name) or name in MODELS:
         return
-    from robustkit.models.sidecar import read_sidecar
-
     if checkpoint and read_sidecar(checkpoint) is not None:
         return  # a derived name (architecture tricks) that the sidecar registers when loaded
-    from robustkit.errors import UnknownNameError
-
     try:
         MODELS.get(name)
     except UnknownNameError as e:

@@ -26,6 +26,7 @@ def catalog(
     if source == "robustbench":
         if what != "models":
             raise UsageError(f"--source robustbench lists models, not {what}.")
+        # lazy: RobustBench's zoo only for --source robustbench (optional extra)
         from robustkit.models.robustbench import zoo_catalog
 
         return zoo_catalog(dataset, threat_model)

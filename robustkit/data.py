@@ -79,6 +79,7 @@ def _labels(y: np.ndarray, n: int, source: str) -> torch.Tensor:
 
 
 def _digits(data_dir: Path | None, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    # heavy lazy: scikit-learn loads only for the digits dataset
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -90,6 +91,7 @@ def _digits(data_dir: Path | None, split: str, download: bool) -> tuple[np.ndarr
 
 def _torchvision(cls_name: str) -> Callable[[Path | None, str, bool], tuple[np.ndarray, np.ndarray]]:
     def load(data_dir: Path | None, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
+        # heavy lazy: torchvision loads only for its datasets
         import torchvision.datasets as tvd
 
         if data_dir is None:

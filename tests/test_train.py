@@ -29,25 +29,29 @@ from robustkit.models import build_model, load_model
 from robustkit.models.sidecar import load_trained_model, read_sidecar, sidecar_model_name
 from robustkit.threat import ThreatModel
 from robustkit.training.co_detector import CODetector
+from robustkit.training.dat import DATConfig, train_dat
 from robustkit.training.loop import TrainConfig, build_training_model, train
 from robustkit.training.optim import LAMB, lr_factor
+from robustkit.training.pubdef import PubDefConfig
+from robustkit.training.rift import RiftConfig, run_rift
 
 ROOT = Path(__file__).resolve().parents[1]
-# Every registered training method the loop runs; the others have their own runner and tests.
-OWN_RUNNER = {"dat": "test_dat.py", "dat-fgsm": "test_dat.py", "pubdef": "test_pubdef.py (needs surrogates)",
-              "rift": "test_rift.py (fine-tunes a checkpoint)", "advprop": "test_advprop.py",
-              "fast-advprop": "test_advprop.py"}
-METHODS = [m for m in training_methods() if m not in OWN_RUNNER]
-
+# Every registered training method, found from the registry. Most run as `train(TrainConfig(method=...))`;
+# these need more than a method name (their config class, a surrogate, a BatchNorm model, a checkpoint).
+NEEDS = {"dat": "DATConfig, train_dat", "dat-fgsm": "DATConfig, train_dat", "pubdef": "PubDefConfig + a surrogate",
+         "rift": "run_rift on a trained checkpoint", "advprop": "a model with BatchNorm",
+         "fast-advprop": "a model with BatchNorm"}
+METHODS = training_methods()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+SMALL = dict(model="digits-cnn", dataset="digits", n_examples=256, epochs=1, batch_size=64, val_size=64, eps=0.1,
+             lr=0.05, schedule="constant", device="cpu")
+
+
 def small(**kw) -> TrainConfig:
-    base = dict(model="digits-cnn", dataset="digits", n_examples=256, epochs=1, batch_size=64, val_size=64,
-                eps=0.1, lr=0.05, schedule="constant", device="cpu")
-    base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig(**{**SMALL, **kw})
 
 
 def digits_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,17 +63,36 @@ def digits_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_the_method_lists_follow_the_registry() -> None:
-    assert set(OWN_RUNNER) <= set(training_methods()) and len(METHODS) >= 6
+    assert set(NEEDS) <= set(training_methods()) and len(METHODS) >= 12
+
+
+def _one_epoch(method: str) -> tuple[list[dict], bool]:
+    """One epoch of ``method`` through its entry point: the history and whether the model is in eval mode."""
+    if method in ("dat", "dat-fgsm"):
+        dat = train_dat(DATConfig(**{**SMALL, "method": method, "warmup_epochs": 0.0, "attack_steps": 3}))
+        return dat.history, not dat.model.training
+    if method == "pubdef":
+        result = train(PubDefConfig(**SMALL, surrogate=["digits-cnn"]))
+    elif method in ("advprop", "fast-advprop"):
+        result = train(small(method=method, model="resnet20", normalize="none", n_examples=64, attack_steps=2))
+    elif method == "rift":
+        rift = run_rift(RiftConfig(model="digits-cnn", n_examples=128, val_size=64, epochs=1, mrc_epochs=1,
+                                   mrc_size=64, attack_steps=3, alphas=[0.0, 1.0], device="cpu"))
+        return [{**r, "clean_acc": r["val_acc"], "fgsm_acc": 0.0, "pgd_acc": rift.after["robust_acc"]}
+                for r in rift.history], not rift.model.training
+    else:
+        result = train(small(method=method))
+    return result.history, not result.model.training
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_trains_one_epoch_with_finite_metrics(method: str) -> None:
-    result = train(small(method=method))
-    (row,) = result.history
+    history, eval_mode = _one_epoch(method)
+    (row,) = history
     for key in ("loss", "train_acc", "clean_acc", "fgsm_acc", "pgd_acc", "seconds"):
         assert math.isfinite(row[key]), (key, row)
     assert 0 <= row["pgd_acc"] <= row["clean_acc"] + 1e-9 or row["pgd_acc"] <= 1
-    assert result.model.training is False
+    assert eval_mode
     if method in ("trades", "mart"):
         assert "loss_robust" in row
 

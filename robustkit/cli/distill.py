@@ -6,12 +6,11 @@ is the student's input mask here, not the FGSM mask trick's) plus the teacher an
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
-from robustkit.cli.train_common import VALUE_OPTIONS, train_options
+from robustkit.cli.train_common import VALUE_OPTIONS, resolve_config, run_training, train_options
 
 _NOT_HERE = {"--model", "--mask-ratio", "--mask-pattern"}
 _DISTILL_OPTIONS: list[tuple[str, str, Any, str]] = [
@@ -59,20 +58,12 @@ def train_distill_cmd(ctx: click.Context, method: str | None, tricks: tuple[str,
       robustkit train distill --teacher mnist-cnn-a --teacher-checkpoint runs/t/model.safetensors \\
           --student mnist-madry-tiny --dataset npz:../shared/data/mnist.npz --mask-ratio 0.75 --out runs/dmae
     """
-    from robustkit.cli.train_common import command_line_values, default_out, run_training
+    # lazy: these import torch (the CLI must not at import time)
     from robustkit.training.distill import DistillConfig
     from robustkit.training.loop import train
 
-    values: dict[str, Any] = {}
-    if config_file:
-        values.update(DistillConfig.from_yaml(Path(config_file)).to_dict())
-    if method is not None:
-        values["method"] = method
-    values.update(command_line_values(ctx, options, tricks, eval_attacks))
-    if not values.get("out") and not dump_config:
-        values["out"] = default_out("distill", values.get("model", "digits-cnn"))
-    config = DistillConfig.from_dict(values)
-    if dump_config:
-        click.echo(config.to_yaml(), nl=False)
+    config = resolve_config(DistillConfig, ctx, options, tricks, eval_attacks, config_file, dump_config,
+                            method=method, out_prefix="distill")
+    if config is None:
         return
     run_training(config, quiet, runner=train)

@@ -6,6 +6,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
+from robustkit.catalog import catalog, defense_kinds
 from robustkit.cli.console import fitted_table, out
 
 
@@ -26,10 +27,9 @@ def list_cmd(what: str, source: str, dataset: str | None, threat_model: str | No
       robustkit list models
       robustkit list models --source robustbench --dataset cifar10 --threat-model Linf
     """
-    from robustkit.catalog import catalog, defense_kinds
-
     rows = catalog(what, source=source, dataset=dataset, threat_model=threat_model)
     if source == "robustbench":  # names never cut: they are what --model robustbench:NAME takes
+        # lazy: imports torch (the CLI must not at import time)
         from robustkit.models.robustbench import parse_ref
 
         refs = [parse_ref(name) for name, _, _ in rows]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from robustkit.cli.console import err
+from robustkit.errors import UsageError
 
 
 @click.command("poison")
@@ -28,13 +31,11 @@ def poison_cmd(method: str, dataset: str, data_dir: str | None, download: bool, 
       robustkit poison ops --dataset cifar10 --data-dir ~/data --output ops.npz
       robustkit train standard --model resnet20 --dataset npz:ops.npz ...
     """
-    from pathlib import Path
-
+    # lazy: these import torch (the CLI must not at import time)
     import robustkit.defenses  # noqa: F401  (registers the defenses)
     from robustkit.data import load_dataset
     from robustkit.defenses.kinds import defense_of_kind
     from robustkit.defenses.one_pixel_shortcut import save_npz
-    from robustkit.errors import UsageError
 
     key, cls = defense_of_kind(method, "data", "robustkit poison")
     if not output.endswith(".npz"):

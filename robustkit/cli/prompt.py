@@ -10,6 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from rich.table import Table
+from rich.text import Text
+
+from robustkit.cli.console import StepBar, err, out
+from robustkit.cli.train_common import default_out
 
 
 @click.command("prompt")
@@ -59,7 +64,7 @@ def train_prompt_cmd(quiet: bool, **options: Any) -> None:
       robustkit eval --prompt runs/evp-mnist/prompt.safetensors --dataset npz:../shared/data/mnist.npz \\
           --n-examples 200 --attack pgd --eps 0.1
     """
-    from robustkit.cli.train_common import default_out
+    # lazy: imports torch (the CLI must not at import time)
     from robustkit.training.prompt import PromptConfig, train_prompt
 
     if not options.get("out"):
@@ -69,11 +74,6 @@ def train_prompt_cmd(quiet: bool, **options: Any) -> None:
 
 
 def _run(config: Any, quiet: bool, runner: Any) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    from robustkit.cli.console import StepBar, err, out
-
     with StepBar() as bar:
 
         def on_event(ev: dict[str, Any]) -> None:

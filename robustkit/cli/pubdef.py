@@ -7,12 +7,15 @@ It takes every option of ``robustkit train`` plus the source pool (``--surrogate
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import click
+from rich.text import Text
 
-from robustkit.cli.train_common import VALUE_OPTIONS, train_options
+from robustkit.cli.console import err
+from robustkit.cli.train_common import VALUE_OPTIONS, resolve_config, run_training, train_options
 
 SELECTION_HELP = ("Source selection per batch: random (default; one source drawn uniformly per example, the "
                   "reference's), top1 (the source with the highest loss per example), exp (all sources, weighted "
@@ -51,19 +54,12 @@ def train_pubdef_cmd(tricks: tuple[str, ...], eval_attacks: tuple[str, ...], con
       robustkit eval --checkpoint runs/pubdef/model.safetensors --attack transfer \\
           --surrogate-checkpoint runs/src3/model.safetensors
     """
-    from robustkit.cli.train_common import command_line_values, default_out, run_training
+    # lazy: imports torch (the CLI must not at import time)
     from robustkit.training.pubdef import PubDefConfig, train_pubdef
 
-    values: dict[str, Any] = {}
-    if config_file:
-        values.update(PubDefConfig.from_yaml(Path(config_file)).to_dict())
-    values["method"] = "pubdef"
-    values.update(command_line_values(click.get_current_context(), options, tricks, eval_attacks))
-    if not values.get("out") and not dump_config:
-        values["out"] = default_out("pubdef", values.get("model", "digits-cnn"))
-    config = PubDefConfig.from_dict(values)
-    if dump_config:
-        click.echo(config.to_yaml(), nl=False)
+    config = resolve_config(PubDefConfig, click.get_current_context(), options, tricks, eval_attacks, config_file,
+                            dump_config, method="pubdef", out_prefix="pubdef")
+    if config is None:
         return
     kept: list[Any] = []
 
@@ -78,11 +74,7 @@ def train_pubdef_cmd(tricks: tuple[str, ...], eval_attacks: tuple[str, ...], con
 
 def _print_sources(sidecar: Path) -> None:
     """How often each source was trained on (from the sidecar's recipe)."""
-    import json
 
-    from rich.text import Text
-
-    from robustkit.cli.console import err
 
     recipe = json.loads(Path(sidecar).read_text()).get("recipe", {})
     sources, picks = recipe.get("sources") or [], recipe.get("source_picks") or []

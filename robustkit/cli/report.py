@@ -53,6 +53,7 @@ def scaling_cmd(model: str | None, dataset: str | None, norm: str | None, attack
       robustkit eval --eps 0.02,0.03,0.05,0.07,0.1,0.15 --attack pgd
       robustkit report scaling --output scaling.png
     """
+    # lazy: these import torch and pandas (the CLI must not import torch at import time)
     from robustkit.results.leaderboard import Leaderboard
     from robustkit.results.scaling import plot_scaling, reports_frame, scaling_reports
 

@@ -7,8 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from rich.table import Table
+from rich.text import Text
 
-from robustkit.units import eps_label
+from robustkit.cli.console import StepBar, err, out
+from robustkit.cli.train_common import default_out
+from robustkit.units import eps_label, parse_eps
 
 
 @click.command("rift")
@@ -70,9 +74,8 @@ def train_rift_cmd(quiet: bool, **options: Any) -> None:
           --val-dataset npz:../shared/data/cifar10_test1000.npz --val-size 500 \\
           --eps 2/255 --epochs 5 --out runs/rift-conv-small
     """
-    from robustkit.cli.train_common import default_out
+    # lazy: imports torch (the CLI must not at import time)
     from robustkit.training.rift import RiftConfig, parse_alphas
-    from robustkit.units import parse_eps
 
     options["eps"] = parse_eps(options["eps"])
     if options.get("attack_step_size") is not None:
@@ -85,10 +88,7 @@ def train_rift_cmd(quiet: bool, **options: Any) -> None:
 
 
 def _run(config: Any, quiet: bool) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    from robustkit.cli.console import StepBar, err, out
+    # lazy: imports torch (the CLI must not at import time)
     from robustkit.training.rift import run_rift
 
     with StepBar(width=18) as bar:

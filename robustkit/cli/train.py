@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from robustkit.cli.router import TrainCommand  # hands `robustkit train NAME ...` to NAME's own command
 from robustkit.cli.train_common import (
@@ -27,6 +28,7 @@ from robustkit.cli.train_common import (
     show_warnings,
     train_options,
 )
+from robustkit.errors import UsageError, UserError
 
 # Options of the DAT methods only (DATConfig fields).
 _DAT_OPTIONS: list[tuple[str, str, Any, str]] = [
@@ -75,7 +77,6 @@ def train_cmd(ctx: click.Context, method: str | None, tricks: tuple[str, ...], e
     warmup epochs by default, take --batch-size as the global batch, and evaluate with --eval pgd
     at the end unless told otherwise (--eval none).
     """
-    from robustkit.errors import UserError
 
     try:
         _train(ctx, method, tricks, eval_attacks, config_file, dump_config, quiet, options)
@@ -87,7 +88,6 @@ def train_cmd(ctx: click.Context, method: str | None, tricks: tuple[str, ...], e
 
 def _yaml_keys(config_file: str) -> dict[str, Any]:
     """The raw mapping of a config file (to pick the config class), or {} if it cannot be read here."""
-    import yaml
 
     try:
         data = yaml.safe_load(Path(config_file).read_text())
@@ -98,7 +98,7 @@ def _yaml_keys(config_file: str) -> dict[str, Any]:
 
 def _train(ctx: click.Context, method: str | None, tricks: tuple[str, ...], eval_attacks: tuple[str, ...],
            config_file: str | None, dump_config: bool, quiet: bool, options: dict[str, Any]) -> None:
-    from robustkit.errors import UsageError
+    # lazy: these import torch (the CLI must not at import time)
     from robustkit.training.dat import DATConfig, is_dat_method, train_dat
     from robustkit.training.loop import TrainConfig, train
 

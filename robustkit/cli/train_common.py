@@ -7,12 +7,16 @@ from __future__ import annotations
 import logging
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
+from rich.table import Table
+from rich.text import Text
 
-from robustkit.units import eps_label
+from robustkit.cli.console import StepBar, err, out
+from robustkit.units import eps_label, parse_eps
 
 # (option, TrainConfig field, click type, help) for the plain value options.
 VALUE_OPTIONS: list[tuple[str, str, Any, str]] = [
@@ -118,14 +122,34 @@ def command_line_values(ctx: click.Context, options: dict[str, Any], tricks: tup
     if tricks:
         values["tricks"] = list(tricks)
     if eval_attacks:
+        # lazy: imports torch (the CLI must not at import time)
         from robustkit.evaluation.attack_spec import split_attacks
 
         values["eval_attacks"] = [a for item in eval_attacks for a in split_attacks(item) if a.lower() != "none"]
     if isinstance(values.get("attack_step_size"), str):
-        from robustkit.units import parse_eps
-
         values["attack_step_size"] = parse_eps(values["attack_step_size"])
     return values
+
+
+def resolve_config(cls: Any, ctx: click.Context, options: dict[str, Any], tricks: tuple[str, ...],
+                   eval_attacks: tuple[str, ...], config_file: str | None, dump_config: bool, *,
+                   method: str | None, out_prefix: str) -> Any:
+    """The config ``cls`` of a ``robustkit train NAME`` command: ``--config FILE``, then ``method``,
+    then the command line, ``--out`` defaulting to ``runs/OUT_PREFIX-MODEL``. With ``--dump-config``
+    it prints the YAML and returns None."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(cls.from_yaml(Path(config_file)).to_dict())
+    if method is not None:
+        values["method"] = method
+    values.update(command_line_values(ctx, options, tricks, eval_attacks))
+    if not values.get("out") and not dump_config:
+        values["out"] = default_out(out_prefix, values.get("model", "digits-cnn"))
+    config = cls.from_dict(values)
+    if dump_config:
+        click.echo(config.to_yaml(), nl=False)
+        return None
+    return config
 
 
 def default_out(prefix: str, model: object) -> str:
@@ -137,10 +161,6 @@ class _ConsoleWarnings(logging.Handler):
     """Prints the training loop's warnings (e.g. a skipped --eval) as yellow lines on stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        from rich.text import Text
-
-        from robustkit.cli.console import err
-
         err.print(Text(f"warning: {record.getMessage()}", style="yellow"), soft_wrap=True)
 
 
@@ -151,10 +171,7 @@ def show_warnings() -> None:
 
 
 def run_training(config: Any, quiet: bool, *, runner: Any, show: bool = True) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    from robustkit.cli.console import StepBar, err, out
+    # lazy: imports torch (the CLI must not at import time)
     from robustkit.training.loop import TrainEvent
 
     if show:
@@ -218,8 +235,6 @@ def run_training(config: Any, quiet: bool, *, runner: Any, show: bool = True) ->
 
 
 def _print_eval(report: Any, console: Any) -> None:
-    from rich.table import Table
-
     rows = report.existing + report.rows
     if not rows:
         return

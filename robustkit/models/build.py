@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from robustkit.errors import UsageError
-from robustkit.models.checkpoint import apply_state_dict, load_state_dict, unwrap_state_dict
+from robustkit.models.checkpoint import apply_state_dict, file_sha256, load_state_dict, unwrap_state_dict
 from robustkit.models.external import external_info, is_external
 from robustkit.models.normalize import Normalize, parse_normalize
-from robustkit.models.robustbench import is_robustbench, qualify, robustbench_info
+from robustkit.models.robustbench import is_robustbench, parse_ref, qualify, robustbench_info
+from robustkit.models.robustbench_weights import load_robustbench, weights_path
 from robustkit.models.zoo import ModelInfo, ZooModel
 from robustkit.registry import MODELS
 
@@ -131,8 +132,6 @@ def load_model(
     only with ``download=True``); see :func:`robustkit.models.robustbench_weights.load_robustbench`.
     """
     if is_robustbench(name):
-        from robustkit.models.robustbench_weights import load_robustbench
-
         return load_robustbench(name, checkpoint, model_dir=model_dir, download=download,
                                 normalize=normalize, sha256=sha256)
     if model_dir is not None or download:
@@ -167,10 +166,6 @@ def _seeded_build(key: str, num_classes: int | None, seed: int | None) -> nn.Mod
 def weights_sha256(model: str, checkpoint: str | None = None, model_dir: str | None = None) -> str:
     """sha256 of the weights ``model`` is evaluated with: ``checkpoint``, else RobustBench's file in
     ``model_dir`` or the packaged weights; "" when there is no file (random weights)."""
-    from robustkit.models.checkpoint import file_sha256
-    from robustkit.models.robustbench import parse_ref
-    from robustkit.models.robustbench_weights import weights_path
-
     if not checkpoint and is_robustbench(model):  # the weights in RobustBench's layout
         checkpoint = str(weights_path(parse_ref(model), model_dir))
     if checkpoint:

@@ -16,6 +16,8 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from robustkit.errors import CheckpointError, UsageError
@@ -81,9 +83,6 @@ def _torch_load(path: Path) -> object:
 
 
 def _safetensors_load(path: Path) -> object:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:

@@ -45,6 +45,7 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def _torchvision_factory(arch: str) -> Callable[..., nn.Module]:
+    # heavy lazy: torchvision loads only for torchvision:NAME models
     import torchvision
 
     known = torchvision.models.list_models()

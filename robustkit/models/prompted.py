@@ -27,9 +27,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from robustkit.errors import CheckpointError, UsageError
+from robustkit.models.build import load_model
+from robustkit.models.checkpoint import file_sha256
 
 PROMPT_FORMAT = "robustkit-prompt/1"
 #: The reference geometry (EVP main.py): a 30-pixel frame around a 164-pixel image, 224-pixel input.
@@ -210,10 +214,6 @@ def normalize_spec(backbone: nn.Module) -> str:
 
 def save_prompt(model: PromptedModel, path: str | os.PathLike[str], sidecar: dict[str, Any]) -> tuple[Path, Path]:
     """Write the frame (and label map) as safetensors and ``sidecar`` (plus geometry, sha256) as JSON."""
-    from safetensors.torch import save_file
-
-    from robustkit.models import file_sha256
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"frame": model.frame.detach().cpu().contiguous().clone()}
@@ -249,8 +249,6 @@ def prompt_backbone(path: str | os.PathLike[str]) -> tuple[str, str | None]:
 
 def _check_backbone(backbone: nn.Module, recorded: dict[str, Any], path: Path) -> None:
     """A UsageError when ``backbone``'s checkpoint file is not the one the prompt was trained on."""
-    from robustkit.models import file_sha256
-
     checkpoint, sha = getattr(backbone, "checkpoint", None), recorded.get("sha256")
     if checkpoint and sha and Path(checkpoint).is_file() and file_sha256(checkpoint) != sha:
         raise UsageError(f"The prompt {path.name} was trained on other backbone weights than {checkpoint} "
@@ -264,15 +262,10 @@ def _check_backbone(backbone: nn.Module, recorded: dict[str, Any], path: Path) -
 def load_prompted_model(path: str | os.PathLike[str], backbone: nn.Module | None = None) -> PromptedModel:
     """The prompted model a ``robustkit train prompt`` file describes, in eval mode. Without
     ``backbone`` the sidecar's backbone is loaded (its checkpoint verified by sha256)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     side = read_prompt_sidecar(path)
     recorded = side.get("backbone") or {}
     if backbone is None:
-        from robustkit.models import load_model
-
         name, checkpoint = prompt_backbone(path)
         if checkpoint and not Path(checkpoint).is_file():
             raise CheckpointError(f"The backbone checkpoint of {path.name} is missing ({checkpoint}); "

@@ -112,6 +112,7 @@ def qualify(name: str, dataset: str | None = None, threat_model: str | None = No
 def zoo(dataset: str, threat_model: str) -> dict[str, dict[str, Any]]:
     """robustbench's ``model_dicts[dataset][threat_model]``: name -> {'model': factory, 'gdrive_id': ...}."""
     import_robustbench()
+    # optional extra (robustbench)
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 

@@ -50,6 +50,7 @@ def fetch_hint(ref: ZooRef) -> str:
 def _download(ref: ZooRef, entry: dict, path: Path) -> None:
     """Fetch the weights with RobustBench's own downloader (Google Drive through gdown)."""
     import_robustbench()
+    # optional extra (robustbench)
     from robustbench.utils import download_gdrive_new
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,7 @@ def sidecar_model_name(side: dict[str, Any]) -> str:
             tags.append(spec["name"])
     name = f"{base.replace(':', '-')}+{'+'.join(tags)}".lower()  # never looks like timm:/torchvision:
     if name not in MODELS:
+        # lazy: robustkit.defenses imports robustkit.models (a cycle at module level)
         from robustkit.defenses.fgsm_tricks import apply_architecture
 
         specs = [dict(s) for s in side.get("architecture", [])]

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustkit.attacks import FGSM, PGD
 from robustkit.errors import UsageError
 from robustkit.threat import ThreatModel
 
@@ -126,8 +127,6 @@ class CODetector:
         """Clean, FGSM and PGD-``pgd_steps`` accuracy of ``model`` on the held-out batch."""
         if self.threat is None or self.x is None or self.y is None:
             raise UsageError("The CO detector needs a threat model and a held-out batch to measure.")
-        from robustkit.attacks import FGSM, PGD
-
         fgsm = FGSM(self.threat, seed=self.seed)
         pgd = PGD(self.threat, steps=self.pgd_steps, seed=self.seed)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))

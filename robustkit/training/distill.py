@@ -48,9 +48,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkit.errors import CheckpointError, UsageError
-from robustkit.models.sidecar import read_sidecar
-from robustkit.training.loop import ProgressFn, TrainConfig, TrainResult, train
+from robustkit.defenses.adversarial_training import StepOutput
+from robustkit.errors import CheckpointError, UnknownNameError, UsageError
+from robustkit.models import PACKAGED_WEIGHTS, is_external, load_model, load_state_dict
+from robustkit.models.sidecar import load_trained_model, read_sidecar
+from robustkit.registry import MODELS
+from robustkit.training.loop import ProgressFn, TrainConfig, TrainResult, flat_options, train
 
 OBJECTIVES = ("kd", "feature", "patch")
 FEATURE_LOSSES = ("mse", "smooth-l1", "cosine")
@@ -155,8 +158,6 @@ class Projections(nn.Module):
 
 def load_projections(path: str | Path) -> Projections:
     """The projections ``robustkit train distill`` saved (``OUT/projection.safetensors`` or OUT)."""
-    from robustkit.models import load_state_dict
-
     p = Path(path)
     if p.is_dir():
         p = p / "projection.safetensors"
@@ -292,9 +293,7 @@ class DistillStrategy:
         return self.base.regularizer(model)
 
     # -- one batch ------------------------------------------------------------------------------------
-    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> Any:
-        from robustkit.defenses.adversarial_training import StepOutput
-
+    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> StepOutput:
         assert self.aux is not None and self.student_tap is not None and self.teacher_tap is not None
         base = self.base
         x_in = base.adversarial_input(model, x, y, generator)
@@ -350,16 +349,11 @@ class DistillStrategy:
 def load_teacher(name: str, checkpoint: str | None, normalize: str | None = "default") -> nn.Module:
     """The teacher: a robustkit-trained checkpoint (its sidecar says how to build it), or ``name``
     with ``checkpoint`` (packaged weights for ``digits-cnn``), in eval mode."""
-    from robustkit.models import PACKAGED_WEIGHTS, is_external, load_model
-    from robustkit.registry import MODELS
-
     if checkpoint:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise CheckpointError(f"Teacher checkpoint not found: {path}.")
         if read_sidecar(path) is not None:
-            from robustkit.models.sidecar import load_trained_model
-
             return load_trained_model(path).eval()
         return load_model(name, path, normalize=normalize).eval()
     if name not in MODELS and not is_external(name) and not str(name).startswith("robustbench:"):
@@ -372,12 +366,10 @@ def load_teacher(name: str, checkpoint: str | None, normalize: str | None = "def
 
 
 @dataclass
-class DistillConfig(TrainConfig):
-    """A :class:`~robustkit.training.loop.TrainConfig` (``model`` is the student) plus the teacher and the
-    distillation options of the module docstring. ``method`` defaults to ``standard`` (plain
-    distillation); ``pgd-at`` gives robust distillation."""
+class DistillOptions:
+    """Distillation's own options: the teacher, the objectives and their weights, the feature
+    loss and the student's input mask (module docstring)."""
 
-    method: str = "standard"
     teacher: str = "digits-cnn"
     teacher_checkpoint: str | None = None
     teacher_normalize: str | None = "default"
@@ -395,12 +387,8 @@ class DistillConfig(TrainConfig):
         items = self.objectives.split(",") if isinstance(self.objectives, str) else list(self.objectives or [])
         self.objectives = list(dict.fromkeys(str(o).strip().lower() for o in items if str(o).strip()))
         self.feature_loss = str(self.feature_loss).strip().lower()
-        super().__post_init__()
 
     def validate(self) -> None:
-        super().validate()
-        from robustkit.errors import UnknownNameError
-
         if not self.objectives:
             raise UsageError(f"--objectives needs at least one of {', '.join(OBJECTIVES)}.")
         for o in self.objectives:
@@ -419,8 +407,8 @@ class DistillConfig(TrainConfig):
         if self.student_mask_patch is not None and self.student_mask_patch < 1:
             raise UsageError(f"--mask-patch must be at least 1 pixel, got {self.student_mask_patch}.")
 
-    def make_strategy(self) -> DistillStrategy:
-        base = super().make_strategy()
+    def make_strategy(self, base: Any) -> DistillStrategy:
+        """``base`` (the method's strategy) wrapped with the teacher and these objectives."""
         teacher = load_teacher(self.teacher, self.teacher_checkpoint, self.teacher_normalize)
         return DistillStrategy(
             base, teacher, objectives=tuple(self.objectives), temperature=self.temperature,
@@ -428,6 +416,27 @@ class DistillConfig(TrainConfig):
             ce_weight=self.ce_weight, feature_loss=self.feature_loss, mask_ratio=self.student_mask_ratio,
             mask_patch=self.student_mask_patch, teacher_source=self.teacher_checkpoint,
         )  # fmt: skip
+
+
+@flat_options
+@dataclass
+class DistillConfig(TrainConfig):
+    """A :class:`~robustkit.training.loop.TrainConfig` (``model`` is the student) plus the teacher and the
+    distillation options in ``distill`` (:class:`DistillOptions`; also taken and read flat, e.g.
+    ``DistillConfig(teacher="digits-cnn")``). ``method`` defaults to ``standard`` (plain
+    distillation); ``pgd-at`` gives robust distillation."""
+
+    OPTION_GROUPS = ("trick", "distill")
+
+    method: str = "standard"
+    distill: DistillOptions = field(default_factory=DistillOptions)
+
+    def validate(self) -> None:
+        super().validate()
+        self.distill.validate()
+
+    def make_strategy(self) -> DistillStrategy:
+        return self.distill.make_strategy(super().make_strategy())
 
 
 def distill(config: DistillConfig, *, progress: ProgressFn | None = None, model: Any = None) -> TrainResult:

@@ -34,13 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from robustkit import __version__
-from robustkit.data import Dataset, load_dataset, load_held_out
+from robustkit.attacks.transfer import diversify, normalize_gradient
+from robustkit.data import Dataset
+from robustkit.defenses.adversarial_training import StepOutput
 from robustkit.errors import UsageError
+from robustkit.evaluation.runner import resolve_device
+from robustkit.models import file_sha256, load_model
 from robustkit.models.prompted import (
     LABEL_MAPS,
     PromptedModel,
@@ -52,12 +57,15 @@ from robustkit.models.prompted import (
     save_prompt,
 )
 from robustkit.paths import check_dir
+from robustkit.training.hooks import RunHooks
+from robustkit.training.inputs import RunInputs
+from robustkit.training.loop import EpochLoop, TrainConfig, TrainEvent
 
 SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
-class PromptConfig:
+class PromptConfig(RunInputs):
     """Everything that defines a prompt-training run (``robustkit train prompt`` options).
 
     ``prompt_size=None``: the paper's 30 px at 224 px, scaled to the backbone's input (4 at 32).
@@ -68,16 +76,6 @@ class PromptConfig:
     give the clean accuracy after every epoch (0: none).
     """
 
-    model: str | None = None
-    checkpoint: str | None = None
-    normalize: str | None = "default"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    split: str = "train"
-    n_examples: int | None = None
-    val_dataset: str | None = None
-    val_split: str = "test"
-    val_size: int = 256
     prompt_size: int | None = None
     label_map: str = "auto"
     epochs: int = 1000
@@ -145,8 +143,6 @@ ProgressFn = Callable[[dict[str, Any]], None]
 def prompt_update(grad: torch.Tensor, lr: float, *, grad_norm: bool = True) -> torch.Tensor:
     """What the frame loses in one step: ``lr · g / ||g||_2`` (EVP), or ``lr · g`` without the
     normalization."""
-    from robustkit.attacks.transfer import normalize_gradient
-
     return lr * (normalize_gradient(grad, kind="l2", per_sample=False) if grad_norm else grad)
 
 
@@ -158,23 +154,94 @@ class StepResult:
     diversified: bool
 
 
+class PromptStrategy:
+    """The prompt's per-batch step as a training method of the one loop
+    (:class:`~robustkit.training.hooks.TrainingHooks`): compose, input diversity (counted in
+    ``diversified``), the mapped backbone logits and their cross-entropy. The frame's update is
+    :class:`NormalizedStep`'s."""
+
+    name = "evp"
+    adversarial = False
+    default_schedule = "cosine"
+    soft_targets = False
+    aux: nn.Module | None = None
+    aux_name = "aux"
+
+    def __init__(self, *, input_diversity: bool = True, diversity_prob: float = 0.5, resize_rate: float = 0.9):
+        self.input_diversity, self.diversity_prob, self.resize_rate = input_diversity, diversity_prob, resize_rate
+        self.diversified = 0  # steps whose batch input diversity changed
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.name, "input_diversity": self.input_diversity, "diversity_prob": self.diversity_prob,
+                "resize_rate": self.resize_rate}
+
+    def prepare_model(self, model: nn.Module, sample: torch.Tensor) -> list[dict[str, Any]]:
+        return []
+
+    def set_eps(self, eps: float) -> None:
+        """Prompting trains on clean images: no radius."""
+
+    def passes_per_image(self) -> float | None:
+        return None
+
+    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> StepOutput:
+        assert isinstance(model, PromptedModel)
+        inputs = model.compose(x)
+        if self.input_diversity:
+            inputs, diversified = diversify(inputs, generator, prob=self.diversity_prob, resize_rate=self.resize_rate)
+            self.diversified += int(diversified)
+        logits = model.map_labels(model.backbone(inputs))
+        return StepOutput(F.cross_entropy(logits, y), logits.detach())
+
+
+class NormalizedStep(torch.optim.Optimizer):
+    """EVP's update of the frame: ``p -= lr · g / ||g||_2`` (:func:`prompt_update`; plain
+    ``lr · g`` with ``grad_norm=False``)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, *, grad_norm: bool = True):
+        super().__init__(params, {"lr": lr, "grad_norm": grad_norm})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # noqa: ARG002 - the Optimizer signature
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(prompt_update(p.grad, group["lr"], grad_norm=group["grad_norm"]))
+
+
 def prompt_step(model: PromptedModel, x: torch.Tensor, y: torch.Tensor, lr: float, generator: torch.Generator, *,
                 input_diversity: bool = True, diversity_prob: float = 0.5, resize_rate: float = 0.9,
                 grad_norm: bool = True) -> StepResult:
     """One training step on the frame (in place); no gradient reaches the backbone."""
-    from robustkit.attacks.transfer import diversify
-
-    inputs = model.compose(x)
-    diversified = False
-    if input_diversity:
-        inputs, diversified = diversify(inputs, generator, prob=diversity_prob, resize_rate=resize_rate)
-    logits = model.map_labels(model.backbone(inputs))
-    loss = F.cross_entropy(logits, y)
-    grad, = torch.autograd.grad(loss, model.frame)
+    strategy = PromptStrategy(input_diversity=input_diversity, diversity_prob=diversity_prob, resize_rate=resize_rate)
+    out = strategy.step(model, x, y, generator)
+    grad, = torch.autograd.grad(out.loss, model.frame)
     update = prompt_update(grad, lr, grad_norm=grad_norm)
     with torch.no_grad():
         model.frame.sub_(update)
-    return StepResult(float(loss.detach()), logits.detach(), update, diversified)
+    return StepResult(float(out.loss.detach()), out.logits, update, bool(strategy.diversified))
+
+
+class _PromptRun(RunHooks):
+    """Prompt training as a run of the one loop: one generator (seeded once) for the data order,
+    one for input diversity, both running across the epochs; a cosine (or constant) learning rate
+    per step."""
+
+    def __init__(self, order: torch.Generator, diversity: torch.Generator, schedule: str, epochs: int):
+        self.order, self.diversity, self.schedule, self.epochs = order, diversity, schedule, epochs
+
+    def begin_epoch(self, epoch: int, epoch_seed: int) -> None:
+        """No re-seeding: the generators run across the epochs (as the reference's loaders)."""
+
+    def epoch_order(self, n: int, epoch: int, epoch_seed: int) -> torch.Tensor:
+        return torch.randperm(n, generator=self.order)
+
+    def generator(self, epoch_seed: int, device: torch.device) -> torch.Generator:
+        return self.diversity
+
+    def lr_factor(self, lr_factor: Callable[[float], float], progress: float) -> float:
+        frac = progress / self.epochs
+        return 0.5 * (1 + math.cos(math.pi * frac)) if self.schedule == "cosine" else 1.0
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -208,8 +275,6 @@ def _fingerprint(data: Dataset) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import safetensors
-
     return {"robustkit": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
 
@@ -242,9 +307,6 @@ def train_prompt(config: PromptConfig, *, backbone: nn.Module | None = None, dat
     ``backbone`` (a ZooModel from ``load_model``), ``data`` and ``val`` replace loading them from
     the config. ``progress(event)`` gets dicts with ``kind`` step or epoch.
     """
-    from robustkit.evaluation.runner import resolve_device
-    from robustkit.models import file_sha256, load_model
-
     config.validate()
     emit = progress or (lambda _e: None)
     device = resolve_device(config.device)
@@ -253,39 +315,35 @@ def train_prompt(config: PromptConfig, *, backbone: nn.Module | None = None, dat
             raise UsageError("Name the frozen backbone with --model (and its weights with --checkpoint).")
         backbone = load_model(config.model, config.checkpoint, normalize=config.normalize)
     if data is None:
-        data = load_dataset(config.dataset, data_dir=config.data_dir, split=config.split, n_examples=config.n_examples)
-    if val is None and config.val_size:
-        val = load_held_out(config.val_dataset or config.dataset, data_dir=config.data_dir, split=config.val_split,
-                            size=config.val_size)
+        data = config.training_set()
+    if val is None:
+        val = config.held_out()
 
     torch.manual_seed(config.seed)
     model, kind = build_prompted_model(config, backbone, data, device)
     lr = float(config.lr) if config.lr is not None else reference_lr(model.trainable_parameters())
-    order_gen = torch.Generator().manual_seed(config.seed)
-    di_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+    strategy = PromptStrategy(input_diversity=config.input_diversity, diversity_prob=config.diversity_prob,
+                              resize_rate=config.resize_rate)
+    run = _PromptRun(torch.Generator().manual_seed(config.seed),
+                     torch.Generator(device=device).manual_seed(config.seed + 1), config.schedule, config.epochs)
+    loop_config = TrainConfig(method="standard", epochs=config.epochs, batch_size=config.batch_size, lr=lr,
+                              val_size=0, seed=config.seed, device=str(device))
+
+    def on_event(ev: TrainEvent) -> None:
+        if ev.kind == "step":
+            emit({"kind": "step", "epoch": ev.epoch, "epochs": config.epochs, "step": ev.step, "steps": ev.steps,
+                  "loss": ev.loss, "lr": ev.info["lr"]})
+
+    loop = EpochLoop(loop_config, model, strategy, NormalizedStep([model.frame], lr, grad_norm=config.grad_norm),
+                     data.x, data.y, device=device, hooks=run, emit=on_event)
     n = len(data)
-    steps = math.ceil(n / config.batch_size)
     history: list[dict[str, Any]] = []
     for epoch in range(config.epochs):
-        model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(n, generator=order_gen)
-        loss_sum, correct, applied = 0.0, 0, 0
-        for b in range(steps):
-            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-            x, y = data.x[idx].to(device), data.y[idx].to(device)
-            frac = (epoch + b / steps) / config.epochs
-            lr_t = lr * (0.5 * (1 + math.cos(math.pi * frac)) if config.schedule == "cosine" else 1.0)
-            step = prompt_step(model, x, y, lr_t, di_gen, input_diversity=config.input_diversity,
-                               diversity_prob=config.diversity_prob, resize_rate=config.resize_rate,
-                               grad_norm=config.grad_norm)
-            loss_sum += step.loss * len(y)
-            correct += int((step.logits.argmax(1) == y).sum())
-            applied += step.diversified
-            emit({"kind": "step", "epoch": epoch, "epochs": config.epochs, "step": b + 1, "steps": steps,
-                  "loss": step.loss, "lr": lr_t})
-        row = {"epoch": epoch + 1, "lr": lr_t, "loss": loss_sum / n, "train_acc": correct / n,
-               "diversified_steps": applied, "seconds": time.perf_counter() - t0,
+        strategy.diversified = 0
+        totals, _ = loop.run_epoch(epoch)
+        row = {"epoch": epoch + 1, "lr": loop.last_lr, "loss": totals["loss"] / n, "train_acc": totals["correct"] / n,
+               "diversified_steps": strategy.diversified, "seconds": time.perf_counter() - t0,
                "val_acc": accuracy(model, val, device, config.batch_size) if val is not None else float("nan")}
         history.append(row)
         emit({"kind": "epoch", **row, "epochs": config.epochs})
@@ -319,5 +377,5 @@ def train_prompt(config: PromptConfig, *, backbone: nn.Module | None = None, dat
     return result
 
 
-__all__ = ["PromptConfig", "PromptResult", "StepResult", "accuracy", "build_prompted_model", "prompt_step",
-           "prompt_update", "train_prompt"]
+__all__ = ["NormalizedStep", "PromptConfig", "PromptResult", "PromptStrategy", "StepResult", "accuracy",
+           "build_prompted_model", "prompt_step", "prompt_update", "train_prompt"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from robustkit.errors import UsageError
 from robustkit.evaluation.surrogates import surrogate_from_sidecar
-from robustkit.training.loop import TrainConfig, TrainResult, train
+from robustkit.training.loop import TrainConfig, TrainResult, flat_options, train
 
 
 def _listify(value: Any, *, keep_empty: bool = False) -> list[Any]:
@@ -22,13 +22,12 @@ def _listify(value: Any, *, keep_empty: bool = False) -> list[Any]:
 
 
 @dataclass
-class PubDefConfig(TrainConfig):
-    """A :class:`~robustkit.training.loop.TrainConfig` for ``method="pubdef"`` with the source pool:
-    ``surrogate`` names (comma text or a list), ``surrogate_checkpoint`` one per name (empty: none),
-    ``transfer_attacks`` (``transfer``: the engine's whole suite), ``selection``, ``clean_weight``
-    and ``exp_alpha`` (module docstring)."""
+class PubDefOptions:
+    """PubDef's source pool and selection: ``surrogate`` names (comma text or a list),
+    ``surrogate_checkpoint`` one per name (empty: none; the names come from the checkpoints'
+    sidecars when left out), ``transfer_attacks`` (``transfer``: the engine's whole suite),
+    ``selection``, ``clean_weight`` and ``exp_alpha`` (:mod:`robustkit.defenses.pubdef`)."""
 
-    method: str = "pubdef"
     surrogate: list[str] = field(default_factory=list)
     surrogate_checkpoint: list[str | None] = field(default_factory=list)
     transfer_attacks: list[str] = field(default_factory=lambda: ["pgd"])
@@ -42,7 +41,24 @@ class PubDefConfig(TrainConfig):
         self.transfer_attacks = _listify(self.transfer_attacks)
         if self.surrogate_checkpoint and not self.surrogate:
             self.surrogate = [surrogate_from_sidecar(c) for c in self.surrogate_checkpoint]
-        super().__post_init__()
+
+    def strategy_options(self) -> dict[str, Any]:
+        """The :class:`~robustkit.defenses.pubdef.PubDef` constructor's options."""
+        return {"surrogates": self.surrogate, "surrogate_checkpoints": self.surrogate_checkpoint,
+                "attacks": self.transfer_attacks, "selection": self.selection, "clean_weight": self.clean_weight,
+                "exp_alpha": self.exp_alpha}
+
+
+@flat_options
+@dataclass
+class PubDefConfig(TrainConfig):
+    """A :class:`~robustkit.training.loop.TrainConfig` for ``method="pubdef"`` with the source pool in
+    ``pubdef`` (:class:`PubDefOptions`; also taken and read flat, e.g. ``PubDefConfig(surrogate=...)``)."""
+
+    OPTION_GROUPS = ("trick", "pubdef")
+
+    method: str = "pubdef"
+    pubdef: PubDefOptions = field(default_factory=PubDefOptions)
 
     def validate(self) -> None:
         if self.method != "pubdef":
@@ -50,9 +66,7 @@ class PubDefConfig(TrainConfig):
         super().validate()
 
     def strategy_options(self) -> dict[str, Any]:
-        return {**super().strategy_options(), "surrogates": self.surrogate,
-                "surrogate_checkpoints": self.surrogate_checkpoint, "attacks": self.transfer_attacks,
-                "selection": self.selection, "clean_weight": self.clean_weight, "exp_alpha": self.exp_alpha}
+        return {**super().strategy_options(), **self.pubdef.strategy_options()}
 
 
 def train_pubdef(config: PubDefConfig, **kwargs: Any) -> TrainResult:

@@ -36,6 +36,7 @@ model) and ``rift.json`` (criticality table, fine-tuning history, interpolation 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import sys
@@ -49,11 +50,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkit.data import Dataset, load_dataset, load_held_out
+from robustkit.attacks import PGD
+from robustkit.data import Dataset
+from robustkit.defenses.adversarial_training import ascend
 from robustkit.errors import UsageError
-from robustkit.models import ZooModel, load_model
+from robustkit.evaluation.runner import check_model_fits, resolve_device
+from robustkit.models import ZooModel, file_sha256, load_model
+from robustkit.models.sidecar import (
+    SIDECAR_FORMAT,
+    load_trained_model,
+    normalize_spec,
+    read_sidecar,
+    save_safetensors,
+    sidecar_model_name,
+    versions,
+    write_text,
+)
 from robustkit.paths import check_dir
 from robustkit.threat import ThreatModel
+from robustkit.training.hooks import RunHooks
+from robustkit.training.inputs import RunInputs
+from robustkit.training.loop import EpochLoop, TrainConfig, TrainEvent, _fingerprint
 from robustkit.units import parse_eps
 
 AUGMENTS = ("auto", "crop-flip", "none")
@@ -65,7 +82,7 @@ ProgressFn = Callable[[dict[str, Any]], None]
 
 
 @dataclass
-class RiftConfig:
+class RiftConfig(RunInputs):
     """Everything that defines a RiFT run (``robustkit train rift`` options); defaults are the
     reference's except the data sizes and ``eps`` (0.1, the digits default; the paper's 8/255).
 
@@ -76,16 +93,6 @@ class RiftConfig:
     ``--layer``); ``criticality_only`` stops after the table (the reference's ``--cal_mrc``).
     """
 
-    model: str | None = None
-    checkpoint: str | None = None
-    normalize: str | None = "default"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    split: str = "train"
-    n_examples: int | None = None
-    val_dataset: str | None = None
-    val_split: str = "test"
-    val_size: int = 256
     norm: str = "linf"
     eps: float = 0.1
     attack_steps: int = 10
@@ -247,8 +254,6 @@ def candidate_modules(model: nn.Module) -> list[str]:
 def _module(model: nn.Module, name: str) -> nn.Module:
     names = candidate_modules(model)
     if name not in names:
-        import difflib
-
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise UsageError(f"No Conv2d/Linear module {name!r} in the model.{hint} Modules: {', '.join(names)}.")
@@ -270,8 +275,6 @@ def adversarial_set(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: 
     """PGD examples for MRC, made once on the AT model in eval mode: random start, ``steps``
     ascent steps on the cross-entropy, the last iterate of every point (as torchattacks' PGD of
     the reference; not the evaluation attack, which stops at the first adversarial iterate)."""
-    from robustkit.defenses.adversarial_training import ascend
-
     was = model.training
     model.eval()
     generator = torch.Generator(device=x.device).manual_seed(seed)
@@ -384,13 +387,37 @@ def clean_accuracy(model: nn.Module, data: Dataset, device: torch.device, batch_
 def robust_accuracy(model: nn.Module, data: Dataset, threat: ThreatModel, device: torch.device, *, steps: int = 10,
                     step_size: float | None = None, seed: int = 0, batch_size: int = 256) -> float:
     """PGD accuracy (robustkit's evaluation PGD: random start, ``steps`` steps)."""
-    from robustkit.attacks import PGD
-
     attack = PGD(threat, steps=steps, step_size=step_size, seed=seed)
     robust = 0
     for _, xb, yb in data.batches(batch_size):
         robust += int((~attack(model, xb.to(device), yb.to(device)).success).sum())
     return robust / max(len(data), 1)
+
+
+class _FineTuneRun(RunHooks):
+    """RiFT's fine-tuning as a run of the one loop: one generator (seeded once) draws every
+    epoch's order and the augmentations, the network stays in eval mode with only the chosen
+    module in train mode, and the learning rate drops x0.1 at half the epochs (the reference's)."""
+
+    def __init__(self, module: nn.Module, augment: str, generator: torch.Generator, epochs: int):
+        self.module, self.augment, self.rng = module, augment, generator
+        self.milestone = epochs // 2  # the reference's single lr decay (x0.1) at half the epochs
+
+    def begin_epoch(self, epoch: int, epoch_seed: int) -> None:
+        self.epoch = epoch  # no global re-seeding: the one generator runs across the epochs
+
+    def epoch_order(self, n: int, epoch: int, epoch_seed: int) -> torch.Tensor:
+        return torch.randperm(n, generator=self.rng)
+
+    def load_batch(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _augment(x[idx], self.augment, self.rng), y[idx]
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.eval()
+        self.module.train()
+
+    def lr_factor(self, lr_factor: Callable[[float], float], progress: float) -> float:
+        return 0.1 if self.milestone and self.epoch >= self.milestone else 1.0
 
 
 def fine_tune_module(model: nn.Module, name: str, data: Dataset, *, val: Dataset | None = None, epochs: int = 10,
@@ -400,7 +427,9 @@ def fine_tune_module(model: nn.Module, name: str, data: Dataset, *, val: Dataset
     """Fine-tune only module ``name`` of ``model`` on clean ``data`` (in place) and return the
     state dict of the epoch with the best clean accuracy on ``val`` (the last epoch without
     ``val``) and one history row per epoch. Everything else stays bitwise equal: the other
-    parameters are frozen and the network stays in eval mode (BatchNorm statistics untouched)."""
+    parameters are frozen and the network stays in eval mode (BatchNorm statistics untouched).
+    The epochs are those of the one training loop (:class:`~robustkit.training.loop.EpochLoop`)
+    with the standard method's clean cross-entropy step."""
     device = device or torch.device("cpu")
     module = _module(model, name)
     params = list(module.parameters(recurse=False))
@@ -410,38 +439,26 @@ def fine_tune_module(model: nn.Module, name: str, data: Dataset, *, val: Dataset
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    milestone = epochs // 2  # the reference's single lr decay (x0.1) at half the epochs
-    generator = torch.Generator().manual_seed(seed)
+    run = _FineTuneRun(module, augment, torch.Generator().manual_seed(seed), epochs)
+    config = TrainConfig(method="standard", epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, schedule="constant", val_size=0, seed=seed, device=str(device))
+
+    def on_event(ev: TrainEvent) -> None:
+        if progress and ev.kind == "step":
+            progress({"kind": "step", "stage": f"fine-tune {ev.epoch + 1}/{epochs}", "step": ev.step,
+                      "steps": ev.steps, "status": f"loss {ev.loss:.3f}"})
+
+    loop = EpochLoop(config, model, config.make_strategy(), optimizer, data.x, data.y, device=device, hooks=run,
+                     emit=on_event)
     history: list[dict[str, Any]] = []
     best_acc, best_state = -1.0, None
-    steps = math.ceil(len(data) / batch_size)
     try:
         for epoch in range(epochs):
-            epoch_lr = lr * (0.1 if milestone and epoch >= milestone else 1.0)
-            for group in optimizer.param_groups:
-                group["lr"] = epoch_lr
-            model.eval()
-            module.train()
             t0 = time.perf_counter()
-            order = torch.randperm(len(data), generator=generator)
-            loss_sum, correct = 0.0, 0
-            for b in range(steps):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                xb = _augment(data.x[idx], augment, generator).to(device)
-                yb = data.y[idx].to(device)
-                logits = model(xb).float()
-                loss = F.cross_entropy(logits, yb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += float(loss.detach()) * len(yb)
-                correct += int((logits.argmax(1) == yb).sum())
-                if progress:
-                    progress({"kind": "step", "stage": f"fine-tune {epoch + 1}/{epochs}", "step": b + 1,
-                              "steps": steps, "status": f"loss {float(loss.detach()):.3f}"})
+            totals, _ = loop.run_epoch(epoch)
             val_acc = clean_accuracy(model, val, device) if val is not None else float("nan")
-            history.append({"epoch": epoch + 1, "lr": epoch_lr, "loss": loss_sum / len(data),
-                            "train_acc": correct / len(data), "val_acc": val_acc,
+            history.append({"epoch": epoch + 1, "lr": loop.last_lr, "loss": totals["loss"] / len(data),
+                            "train_acc": totals["correct"] / len(data), "val_acc": val_acc,
                             "seconds": time.perf_counter() - t0})
             score = val_acc if val is not None else float(epoch)
             if score > best_acc:
@@ -491,8 +508,6 @@ def select_alpha(points: Sequence[InterpolationPoint], base_robust: float, toler
 
 def load_at_model(config: RiftConfig, data: Dataset) -> tuple[ZooModel, dict[str, Any] | None]:
     """The adversarially trained model and the robustkit sidecar of its checkpoint (if any)."""
-    from robustkit.models.sidecar import load_trained_model, read_sidecar, sidecar_model_name
-
     side = read_sidecar(config.checkpoint) if config.checkpoint else None
     if side is not None and config.normalize == "default" and config.model in (None, side["model"],
                                                                                  sidecar_model_name(side)):
@@ -503,17 +518,15 @@ def load_at_model(config: RiftConfig, data: Dataset) -> tuple[ZooModel, dict[str
 
 
 def _datasets(config: RiftConfig) -> tuple[Dataset, Dataset]:
-    data = load_dataset(config.dataset, data_dir=config.data_dir, split=config.split, n_examples=config.n_examples)
-    return data, load_held_out(config.val_dataset or config.dataset, data_dir=config.data_dir,
-                               split=config.val_split, size=config.val_size)
+    val = config.held_out()
+    assert val is not None  # validate(): val_size >= 1
+    return config.training_set(), val
 
 
 def run_rift(config: RiftConfig, *, progress: ProgressFn | None = None, model: ZooModel | None = None,
              data: Dataset | None = None, val: Dataset | None = None) -> RiftResult:
     """Run RiFT as the module docstring describes; ``model``, ``data`` and ``val`` replace
     loading them from ``config``. Writes ``config.out`` when set (not with ``criticality_only``)."""
-    from robustkit.evaluation.runner import check_model_fits, resolve_device
-
     config.validate()
     emit = progress or (lambda _e: None)
     device = resolve_device(config.device)
@@ -588,10 +601,6 @@ def run_rift(config: RiftConfig, *, progress: ProgressFn | None = None, model: Z
 def save_rift(out: Path, result: RiftResult, data: Dataset, val: Dataset,
               side: dict[str, Any] | None) -> tuple[Path, Path]:
     """``model.safetensors`` + ``model.json`` (robustkit-train sidecar) + ``rift.json``."""
-    from robustkit.models import file_sha256
-    from robustkit.models.sidecar import SIDECAR_FORMAT, normalize_spec, save_safetensors, versions, write_text
-    from robustkit.training.loop import _fingerprint
-
     out.mkdir(parents=True, exist_ok=True)
     zoo, config = result.model, result.config
     weights = out / "model.safetensors"

@@ -38,9 +38,9 @@ README = ROOT / "README.md"
 SMALL_N = 16
 SMALL_QUERIES = 50
 NOT_RUN = re.compile(r"#\s*not run:\s*(\S.*)?$")
-#: blocks (by their first command) that take longer than ~30 s on two busy cores
-SLOW = ("robustkit eval --model resnet4b", "robustkit eval --model resnet20,resnet4b", "robustkit train pgd-at --model digits-cnn",
-        "robustkit train rift", "for s in 1 2 3",
+#: blocks with a command starting so take longer than ~30 s on two cores: `slow`
+SLOW = ("robustkit eval --model resnet4b", "robustkit eval --model resnet20,resnet4b",
+        "robustkit train pgd-at --model digits-cnn", "robustkit train rift", "for s in 1 2 3",
         "robustkit train distill", "torchrun", "robustkit train pgd-at --model robust-resnet-cifar",
         "robustkit train prompt", "robustkit train fast-advprop", "robustkit poison")
 

@@ -72,32 +72,45 @@ def aaa_loss_grad(
     largest logits (+ on the first, - on the second), plus
     ``beta * sign(p_top - p_top_orig) * p_top * (onehot(top_orig) - p)``; ``sign(0) = 0`` as
     autograd's ``abs``."""
-    constants = _grad_constants(logits, top_orig)
-    return _loss_grad(logits, top_orig, p_top_orig[:, None], target[:, None], beta, *constants)
+    return _LossGrad(logits, top_orig, p_top_orig, target, beta)(logits)
 
 
-def _grad_constants(logits: torch.Tensor, top_orig: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What :func:`_loss_grad` needs at every step: the predicted class one-hot (N, K) and the
-    signs (-1, +1) of the top-two term."""
-    onehot = torch.zeros_like(logits).scatter_(1, top_orig, 1.0)
-    pair = torch.ones(1, 2, dtype=logits.dtype, device=logits.device)
-    pair[:, 0] = -1
-    return onehot, pair
+class _LossGrad:
+    """:func:`aaa_loss_grad` for one query's rows in 9 operations per call: the constants of the
+    query and the buffers the operations write into are made once, so no step concatenates or
+    slices. ``[v1, v2, 1, p_top] @ select - [target, p_top_orig]`` gives both differences whose
+    signs the loss needs; ``[sign_m, sign_p * p_top] @ spread`` gives what is scattered onto the
+    top two and the predicted class, ``[sign_m, -sign_m, w]``, and the softmax term's row factor
+    ``-w`` (``w = beta * sign_p * p_top``). The values are autograd's up to roundings."""
 
+    def __init__(
+        self, logits: torch.Tensor, top_orig: torch.Tensor, p_top_orig: torch.Tensor, target: torch.Tensor,
+        beta: float,
+    ):
+        n, k = logits.shape
+        like = {"dtype": logits.dtype, "device": logits.device}
+        self.top_orig = top_orig
+        self.bias = -torch.stack((target, p_top_orig), 1).to(logits.dtype)  # (N, 2)
+        self.select = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0], [0.0, 1.0]], **like)
+        self.spread = torch.tensor([[1.0, -1.0, 0.0, 0.0], [0.0, 0.0, beta, -beta]], **like)
+        self.d = torch.ones(n, 4, **like)  # [v1, v2, 1, p_top]
+        self.index = torch.empty(n, 3, dtype=torch.long, device=logits.device)  # [i1, i2, top_orig]
+        self.index[:, 2:] = top_orig
+        self.src = torch.empty(n, 4, **like)
+        self.grad = torch.empty(n, k, **like)
+        # views made once: writing through them costs no operation per step
+        self.top2 = (self.d[:, :2], self.index[:, :2])
+        self.p_top, self.factor, self.minus_w = self.d[:, 3:], self.d[:, 2:], self.src[:, 3:]
 
-def _loss_grad(
-    logits: torch.Tensor, top_orig: torch.Tensor, p_top_orig: torch.Tensor, target: torch.Tensor, beta: float,
-    onehot: torch.Tensor, pair: torch.Tensor,
-) -> torch.Tensor:
-    """:func:`aaa_loss_grad` in 14 small kernels (``p_top_orig`` and ``target`` as (N, 1)), with
-    autograd's roundings: the softmax term is ``p * (c·onehot - c·p_top)``, ``c = beta·sign``."""
-    values, index = logits.topk(2, dim=1)
-    flip = values.diff(dim=1).add_(target).sign_()  # -sign(margin - target)
-    p = F.softmax(logits, dim=1)
-    p_top = p.gather(1, top_orig)
-    minus_c = (p_top - p_top_orig).sign_().mul_(-beta)
-    term = torch.addcmul(minus_c * p_top, onehot, minus_c, value=-1).mul_(p)
-    return term.scatter_add_(1, index, flip * pair)
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """The gradient at ``logits``, written into (and returned as) this object's buffer."""
+        torch.topk(logits, 2, dim=1, out=self.top2)
+        p = F.softmax(logits, dim=1)
+        torch.gather(p, 1, self.top_orig, out=self.p_top)
+        signs = torch.addmm(self.bias, self.d, self.select).sign_()  # [sign(margin - t), sign(p_top - p0)]
+        torch.mm(signs.mul_(self.factor), self.spread, out=self.src)  # [sign_m, -sign_m, w, -w]
+        torch.mul(p, self.minus_w, out=self.grad)
+        return self.grad.scatter_add_(1, self.index, self.src)  # three columns of index: -w is not scattered
 
 
 def _number(name: str, value: object) -> float:
@@ -193,8 +206,12 @@ class AAA(nn.Module):
         reference) from the logits, with the loss's gradient written out (:func:`aaa_loss_grad`):
         no autograd graph, so it runs the same under ``no_grad`` / ``inference_mode``, and a few
         times faster than autograd on the small (N, K) tensors of a query. The tensors are tiny,
-        so the cost is the number of kernels: 21 per step, each computing what autograd and
-        ``torch.optim.Adam`` compute."""
+        so the cost is the number of operations (kernels on a GPU): 10 per step (9 for the
+        gradient, one for ``torch.optim.Adam(fused=True)``'s update kernel), about 1,000 per query
+        (``tests/test_aaa.py`` bounds it; it was 23 per step). The values are autograd's and
+        torch's Adam's up to roundings: in float64 within 1e-12 over 100 steps; in float32 a
+        rare row whose margin sits on a sign change may end elsewhere, as it may between
+        processors."""
         z = logits.detach().to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
         top_orig = z.argmax(1, keepdim=True)
         p_top_orig = F.softmax(z / self.temperature, dim=1).max(1).values
@@ -203,15 +220,15 @@ class AAA(nn.Module):
         out = z.clone()
         exp_avg = torch.zeros_like(out)
         exp_avg_sq = torch.zeros_like(out)
-        constants = _grad_constants(out, top_orig)
-        p_top_orig, target = p_top_orig[:, None], target[:, None]
+        loss_grad = _LossGrad(out, top_orig, p_top_orig, target, self.beta)
+        # torch.optim.Adam(fused=True)'s update, one operation per step; it takes the step as a tensor
+        steps = torch.arange(1, self.steps + 1, dtype=torch.float32, device=out.device).unbind()
         b1, b2 = ADAM_BETAS
-        for t in range(1, self.steps + 1):  # torch.optim.Adam's single-tensor step, op for op
-            grad = _loss_grad(out, top_orig, p_top_orig, target, self.beta, *constants)
-            exp_avg.lerp_(grad, 1 - b1)
-            exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - b2**t)).add_(ADAM_EPS)
-            out.addcdiv_(exp_avg, denom, value=-self.lr / (1 - b1**t))
+        for step in steps:
+            torch._fused_adam_(
+                [out], [loss_grad(out)], [exp_avg], [exp_avg_sq], [], [step], lr=self.lr, beta1=b1, beta2=b2,
+                weight_decay=0.0, eps=ADAM_EPS, amsgrad=False, maximize=False,
+            )
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

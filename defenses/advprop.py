@@ -50,14 +50,17 @@ Gradient reuse without touching the loop: the loop calls ``strategy.step`` and t
 the returned loss once. The attack pass's parameter gradient is computed together with its input
 gradient (one ``torch.autograd.grad``) and handed to the loop as a linear term ``sum(p * g)`` whose
 value is subtracted out, so back-propagating the loss adds exactly ``g`` to each parameter's
-gradient (also under a GradScaler, gradient clipping and EMA). That attack gradient itself is not
-loss-scaled, so fp16 autocast may underflow it; prefer bf16.
+gradient (also under a GradScaler, gradient clipping and EMA). Under fp16 autocast that pass is
+loss-scaled (:func:`noisy_pass_grads`): the input gradient through robustkit's
+:func:`~robustkit.attack.scaled_input_grad` (as every attack's), the weight gradient with one
+dynamic scale, so neither flushes to zero on confidently classified images.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -68,6 +71,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from robustkit.attack import HALF_RETRIES, HALF_STEP_EXP, HALF_TARGET_EXP, autocast_dtype, scaled_input_grad
 from robustkit.errors import UsageError
 from robustkit.registry import DEFENSES
 from robustkit.threat import ThreatModel
@@ -85,6 +89,46 @@ def _scale_grad(t: torch.Tensor, scale: float) -> torch.Tensor:
     """``t`` unchanged in value, with its gradient multiplied by ``scale``."""
     d = t.detach()
     return d + (t - d) * scale
+
+
+def noisy_pass_grads(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: list[nn.Parameter]
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """One forward/backward pass at ``x`` (which requires grad): the summed cross-entropy, its
+    gradient for ``x`` and for ``params`` (None where unused). Without fp16 autocast one
+    ``autograd.grad`` call gives both. Under fp16 autocast both are loss-scaled, so neither
+    underflows to zero on confidently classified images: the input gradient by
+    :func:`~robustkit.attack.scaled_input_grad` (per row, or per band where train-mode BatchNorm
+    couples the rows), the weight gradient by :func:`_scaled_weight_grads`."""
+    logits = model(x).float()
+    ce = F.cross_entropy(logits, y, reduction="sum")
+    if autocast_dtype(x.device.type) != torch.float16:
+        g_in, *g_params = torch.autograd.grad(ce, [x, *params], allow_unused=True)
+        return ce, g_in, g_params
+    (g_logits,) = torch.autograd.grad(ce, logits, retain_graph=True)  # exact: fp32 logits
+    coupled = any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
+    g_in = scaled_input_grad(model, x, logits, g_logits, coupled=coupled)
+    return ce, g_in, _scaled_weight_grads(logits, params, g_logits)
+
+
+def _scaled_weight_grads(
+    logits: torch.Tensor, params: list[nn.Parameter], g_logits: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """``params``' gradient of ``<logits, g_logits>`` through the half-precision graph, with one
+    loss scale as GradScaler's (the largest logit gradient at ``2**HALF_TARGET_EXP``, backed off
+    by ``2**HALF_STEP_EXP`` on overflow), unscaled in fp32. Still non-finite after the retries: the
+    loop's GradScaler skips that step, as it does for any overflow."""
+    if not params:
+        return []
+    peak = float(g_logits.abs().max())
+    exp = HALF_TARGET_EXP - math.frexp(peak)[1] if math.isfinite(peak) and peak > 0 else 0
+    exp = min(max(exp, -100), 100)  # 2**exp stays a normal fp32 number
+    for _ in range(HALF_RETRIES + 1):
+        grads = torch.autograd.grad(logits, params, g_logits * 2.0**exp, retain_graph=True, allow_unused=True)
+        if all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            break
+        exp -= HALF_STEP_EXP
+    return [None if g is None else g * 2.0 ** -(exp // 2) * 2.0 ** -(exp - exp // 2) for g in grads]
 
 
 class DualBatchNorm(nn.Module):
@@ -360,9 +404,7 @@ class FastAdvProp(_DualBNStrategy):
         total = 0.0
         with auxiliary_bn(model, grad_scale=aux_scale):
             for _ in range(self.steps):
-                cur.requires_grad_(True)
-                ce = F.cross_entropy(model(cur).float(), y, reduction="sum")
-                g_in, *g_params = torch.autograd.grad(ce, [cur, *params], allow_unused=True)
+                ce, g_in, g_params = noisy_pass_grads(model, cur.requires_grad_(True), y, params)
                 for i, g in enumerate(g_params):
                     if g is not None:
                         g = w_noisy * g

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from robustkit import ThreatModel
 from robustkit.attacks import APGD, Square
@@ -298,3 +299,35 @@ def test_eval_defense_aaa_writes_its_own_rows(tmp_path, capsys: pytest.CaptureFi
     assert set(rows) == {"", "aaa", 'aaa{"attractor":"sine"}'}
     assert rows["aaa"].clean_acc == rows[""].clean_acc  # AAA keeps every prediction
     assert "digits-cnn + aaa" in capsys.readouterr().out
+
+
+# -- cost per query ------------------------------------------------------------------------------
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts every aten operation (a kernel launch each on a GPU, views aside)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_query(steps: int) -> int:
+    aaa = AAA(nn.Identity(), steps=steps)
+    z = torch.randn(64, 10, generator=torch.Generator().manual_seed(6)) * 4
+    counter = _OpCounter()
+    with torch.no_grad(), counter:
+        aaa(z)
+    return counter.count
+
+
+def test_operations_per_query_are_bounded() -> None:
+    """On a GPU each tiny operation of a query is a kernel launch, so a query costs its count
+    (issue 22: 23 per Adam step, 2,300 per query). Now 10 per step and about 1,000 per query."""
+    per_step = (_ops_per_query(30) - _ops_per_query(10)) / 20
+    assert per_step <= 10, per_step
+    assert _ops_per_query(100) <= 10 * 100 + 60

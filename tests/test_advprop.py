@@ -24,6 +24,7 @@ from robustkit.defenses.advprop import (
     FastAdvProp,
     auxiliary_bn,
     dual_layers,
+    noisy_pass_grads,
     plain_state_dict,
     strip_dual_bn,
     to_dual_bn,
@@ -322,3 +323,56 @@ def test_conversion_preserves_a_pretrained_model() -> None:
         torch.testing.assert_close(net.eval()(x), before, rtol=0, atol=0)
         with auxiliary_bn(net):
             torch.testing.assert_close(net(x), before, rtol=0, atol=0)
+
+
+# -- fp16 autocast ----------------------------------------------------------------------------------
+
+
+def _unit_rows(g: torch.Tensor) -> torch.Tensor:
+    g = g.flatten(1).double()
+    return g / g.abs().amax(1, keepdim=True)
+
+
+def test_fp16_noisy_pass_gradients_are_loss_scaled() -> None:
+    """Fast AdvProp's attack pass gives the input and the weight gradient in one backward; under
+    fp16 autocast it bypassed the attacks' loss scaling, so confidently classified images got an
+    all-zero input gradient (sign(0): they never move). Now both gradients follow fp32's."""
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            nn.Conv2d(1, 2, 3)(torch.rand(1, 1, 5, 5))
+    except RuntimeError as e:  # torch < 2.4 has no CPU fp16 autocast
+        pytest.skip(f"CPU fp16 autocast is not available here: {e}")
+    model = to_dual_bn_model(toy())
+    with torch.no_grad():  # every image class 0 by a margin near 30 (logit gradients ~1e-13), logits small
+        model[7].bias.zero_()
+        model[7].bias[0] = 30.0
+    model.train()
+    x, _ = digits(32)
+    y = torch.zeros(32, dtype=torch.long)
+    params = list(model.parameters())
+    with auxiliary_bn(model):
+        _, g32, w32 = noisy_pass_grads(model, x.clone().requires_grad_(True), y, params)
+        with torch.autocast("cpu", dtype=torch.float16):
+            xr = x.clone().requires_grad_(True)
+            (raw,) = torch.autograd.grad(F.cross_entropy(model(xr).float(), y, reduction="sum"), xr)  # before
+            _, g16, w16 = noisy_pass_grads(model, x.clone().requires_grad_(True), y, params)
+    zero = lambda g: int((g.flatten(1).abs().amax(1) == 0).sum())  # noqa: E731
+    assert zero(g32) == 0 and zero(raw) == len(x)  # the underflow of the unscaled pass
+    assert zero(g16) == 0 and torch.isfinite(g16).all()
+    assert F.cosine_similarity(_unit_rows(g16), _unit_rows(g32), dim=1).min() > 0.99
+    ratio = g16.flatten(1).double().norm(dim=1) / g32.flatten(1).double().norm(dim=1)
+    assert ((ratio > 0.9) & (ratio < 1.1)).all()  # unscaled back to fp32's size
+    largest = max(float(b.abs().max()) for b in w32 if b is not None)
+    compared = 0
+    for a, b in zip(w16, w32, strict=True):
+        assert (a is None) == (b is None)
+        if b is not None and b.abs().max() > 1e-3 * largest:  # a bias before BatchNorm has none
+            a, b = a.flatten().double() / largest, b.flatten().double() / largest
+            assert F.cosine_similarity(a, b, dim=0) > 0.999 and 0.95 < float(a.norm() / b.norm()) < 1.05
+            compared += 1
+    assert compared >= 6
+    # the attack itself: from the clean images, one step of eps moves every image (sign(0) did not)
+    strategy = FastAdvProp(ThreatModel("linf", 0.1), random_start_prob=0.0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        x_adv, _, _ = strategy._attack(model, x, y, torch.Generator().manual_seed(0), 1.0)
+    assert ((x_adv - x).flatten(1).abs().amax(1) > 0.05).all()

@@ -385,3 +385,22 @@ def test_a_model_that_asserts_its_input_size_is_a_clear_error() -> None:
 
     with pytest.raises(UsageError, match=r"cannot take digits images of shape \(1, 8, 8\): Input width \(8\)"):
         check_model_fits(_FixedSize(), load_dataset("digits", n_examples=4), torch.device("cpu"))
+
+
+def test_training_normalization_follows_the_datas_channels() -> None:
+    """A model's default normalization that does not fit the data's channels follows the data
+    (with a note); an explicit one that does not fit is an error; one that fits is used as is."""
+    from robustkit.models.normalize import PRESETS, training_normalize
+
+    layer, note = training_normalize("default", "imagenet", 1, "resnet20", "digits")
+    mean, std = PRESETS["imagenet"]
+    assert layer is not None and layer.channels == 1
+    assert layer.mean.item() == pytest.approx(sum(mean) / 3) and layer.std.item() == pytest.approx(sum(std) / 3)
+    assert note is not None and "resnet20" in note and "digits has 1" in note
+    layer, note = training_normalize("default", "0.5:0.25", 3, "mnist-cnn-a", "cifar10")
+    assert layer is not None and layer.channels == 3 and note is not None
+    layer, note = training_normalize("default", "cifar10", 3, "resnet20", "cifar10")
+    assert layer is not None and layer.channels == 3 and note is None
+    assert training_normalize("none", "cifar10", 1, "resnet20", "digits") == (None, None)
+    with pytest.raises(UsageError, match="3 channels but digits images have 1"):
+        training_normalize("cifar10", "cifar10", 1, "resnet20", "digits")

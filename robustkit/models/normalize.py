@@ -98,3 +98,35 @@ def parse_normalize(spec: str | None) -> MeanStd | None:
     if any(s <= 0 for s in std):
         raise UsageError(f"Normalization {spec!r} has a std that is not positive.")
     return mean, std
+
+
+def training_normalize(
+    requested: str | None, default: str | None, channels: int, model: str, data_name: str
+) -> tuple[Normalize | None, str | None]:
+    """The Normalize layer a model trained on ``channels``-channel images gets, and a note when it is
+    not what was asked for. ``requested`` is ``"default"`` (the model's ``default``) or an explicit
+    spec. An explicit one must fit the channels. The model's default follows the data: a 3-channel
+    preset on 1-channel images becomes its channel average, a 1-channel one is repeated for
+    3-channel images (the note says so; ``--normalize`` chooses another)."""
+    spec = default if requested == "default" else requested
+    mean_std = parse_normalize(spec)
+    if mean_std is None:
+        return None, None
+    mean, std = mean_std
+    if len(mean) == channels:
+        return Normalize(mean, std), None
+    if requested != "default":
+        raise UsageError(f"Normalization {spec!r} has {len(mean)} channels but {data_name} images have {channels}; "
+                         "pass --normalize none or one that fits.")
+    if channels == 1:
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    elif len(mean) == 1:
+        mean, std = mean * channels, std * channels
+    else:
+        return None, (f"{model}'s default normalization {spec!r} is for {len(mean)}-channel images and "
+                      f"{data_name} has {channels}: training without normalization (--normalize sets one).")
+    shown = ",".join(f"{v:.4g}" for v in mean) + ":" + ",".join(f"{v:.4g}" for v in std)
+    return Normalize(mean, std), (
+        f"{model}'s default normalization {spec!r} is for {len(mean_std[0])}-channel images and {data_name} has "
+        f"{channels}: using {shown} (--normalize sets another)."
+    )

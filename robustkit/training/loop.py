@@ -47,15 +47,14 @@ from robustkit.data import Dataset
 from robustkit.errors import UsageError
 from robustkit.evaluation.runner import check_model_fits
 from robustkit.models import (
-    Normalize,
     ZooModel,
     build_model,
     file_sha256,
     is_external,
     load_model,
     model_info,
-    parse_normalize,
 )
+from robustkit.models.normalize import training_normalize
 from robustkit.models.sidecar import (
     SIDECAR_FORMAT,
     cpu_state,
@@ -150,16 +149,9 @@ def build_training_model(config: TrainConfig, data: Dataset) -> ZooModel:
         return zoo.train()
     in_channels = channels if channels != info.input_size[0] else None
     net = build_model(key, num_classes=data.num_classes, in_channels=in_channels)
-    spec = info.normalize if config.normalize == "default" else config.normalize
-    mean_std = parse_normalize(spec)
-    layer = None
-    if mean_std is not None:
-        if len(mean_std[0]) != channels:
-            raise UsageError(
-                f"Normalization {spec!r} has {len(mean_std[0])} channels but {data.name} images have {channels}; "
-                "pass --normalize none or one that fits."
-            )
-        layer = Normalize(*mean_std)
+    layer, note = training_normalize(config.normalize, info.normalize, channels, key, data.name)
+    if note:
+        log.warning(note)
     return ZooModel(key, info, net, layer).train()
 
 

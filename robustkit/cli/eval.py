@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Iterator
 
@@ -13,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from robustkit.cli.console import ProgressBars, err, out
+from robustkit.units import eps_label
 
 
 @click.command("eval")
@@ -109,8 +111,6 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
     if dump_config:
         click.echo(spec.to_yaml(), nl=False)
         return
-    import math
-
     curve_cells = any(spec.minimum_norm(a) for a in spec.attack)
     cells = len(spec.model) * (sum(math.isfinite(e) for e in spec.eps) + curve_cells)
     with ProgressBars(enabled=not (quiet or as_json), cells=cells) as bars, stage_log(not (quiet or as_json)):
@@ -219,7 +219,5 @@ def _dist(value: float, norm: str) -> str:
 
 
 def _eps_str(eps: float) -> str:
-    from robustkit.units import eps_label
-
     return eps_label(eps)
 

@@ -3,16 +3,22 @@ comparison with RobustBench."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Sequence
+from itertools import groupby
 from typing import TYPE_CHECKING
 
 import click
+from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from robustkit.cli.console import err, out
+from robustkit.errors import UsageError
+from robustkit.paths import check_file, make_dir
+from robustkit.units import eps_str
 
 if TYPE_CHECKING:
     from robustkit.results.leaderboard import Leaderboard, ResultRow
@@ -124,8 +130,6 @@ def _write(text: str, output: str | None, what: str) -> None:
     if output is None:
         click.echo(text, nl=not text.endswith("\n"))
         return
-    from robustkit.paths import check_file, make_dir
-
     path = check_file(output, "--output")
     make_dir(path.parent, "--output")
     path.write_text(text, encoding="utf-8")
@@ -154,10 +158,6 @@ def _ranked_view(board: Leaderboard, rows: list[ResultRow], fmt: str, output: st
     elif fmt == "csv":
         text = ranked.to_frame(groups).to_csv(index=False)
     else:  # "table" into a file: the tables as the terminal shows them, 120 columns, no colour
-        import io
-
-        from rich.console import Console
-
         console = Console(file=io.StringIO(), width=120, color_system=None)
         for group in groups:
             console.print(_fit(lambda drop, g=group: _ranked_table(g, drop), 2 + len(group.eps), 120))
@@ -230,11 +230,8 @@ def _ranked_table(group: Group, drop: int) -> Table:
 
 def _raw_tables(rows: list[ResultRow]) -> list[Table]:
     """``--rows``: one table per data set and norm; each row with its defense, checkpoint and attack label."""
-    from itertools import groupby
-
     from robustkit.results.labels import attack_labels, checkpoint_label, is_random_weights
     from robustkit.results.ranked import percent
-    from robustkit.units import eps_str
 
     labels = attack_labels(rows)
     tables = []
@@ -268,7 +265,6 @@ def _raw_tables(rows: list[ResultRow]) -> list[Table]:
 
 def _robustbench_leaderboard(rows: list[ResultRow], fmt: str, output: str | None, compare_with: str | None) -> None:
     """``--format robustbench`` (model-info files) and ``--compare`` (a table of differences)."""
-    from robustkit.errors import UsageError
     from robustkit.results import robustbench as rbf
     from robustkit.results.leaderboard import export
 

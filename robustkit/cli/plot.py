@@ -6,6 +6,7 @@ import click
 from rich.text import Text
 
 from robustkit.cli.console import err
+from robustkit.errors import DataError, UsageError
 
 
 @click.command("plot")
@@ -50,8 +51,6 @@ def plot_cmd(curve: bool, metric: str, x_axis: str, output: str, dataset: str | 
 
 def _plot_curves(db: str | None, output: str, *, metric: str, x_axis: str, **filters: str | None) -> object:
     """``plot --curve``: the stored curves, filtered like the leaderboard's rows."""
-    from robustkit.errors import DataError, UsageError
-
     if metric != "robust_acc" or x_axis != "eps":
         raise UsageError("--curve draws robust accuracy against eps; leave out --metric and --x.")
     from robustkit.results.plot import plot_curves

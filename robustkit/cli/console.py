@@ -237,6 +237,7 @@ class ProgressBars:
     # -- what the grid tells ---------------------------------------------------------------------------
     def plan(self, grid: Any) -> None:
         """Before any work: say what the run costs; learn the points, batch size and attacks."""
+        # lazy: the CLI must not import torch at import time
         from robustkit.distributed import world
 
         self.rank, self.world = world()

@@ -99,6 +99,7 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
       robustkit eval --config eval.yaml
       torchrun --nproc-per-node 4 -m robustkit eval --config eval.yaml   # sharded
     """
+    # lazy: the CLI must not import torch at import time
     from robustkit.evaluation.grid import EvalSpec, dump_json, parse_kwargs, run_grid
 
     given = {k: v for k, v in options.items() if v is not None}
@@ -180,6 +181,7 @@ def _print_cell(report) -> None:  # noqa: ANN001
 
 def _print_curves(report) -> None:  # noqa: ANN001
     """The minimum-norm attacks' curves of one model: distances and accuracy at the standard radii."""
+    # lazy: the CLI must not import pandas at import time
     from robustkit.results.curves import STANDARD_RADII, radius_dataset, robust_at
 
     for c in report.existing:

@@ -113,6 +113,7 @@ def optimality_cmd(model: str | None, dataset: str | None, norm: str | None, fmt
       robustkit eval --model resnet20 --checkpoint resnet20-12fca82f.th --attack fmn,ddn,alma --norm l2
       robustkit report optimality --norm l2
     """
+    # lazy: the CLI must not import pandas at import time
     from robustkit.results.curves import optimality_frame
 
     table = optimality_frame(db, model=model, dataset=dataset, norm=norm)

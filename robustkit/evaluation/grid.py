@@ -44,6 +44,8 @@ import yaml
 from robustkit import __version__
 from robustkit import distributed as dist
 from robustkit.attack import Attack
+from robustkit.attacks import PGD, Transferred
+from robustkit.attacks.transfer import TRANSFER_SUITE
 from robustkit.data import Dataset, load_dataset
 from robustkit.errors import UsageError
 from robustkit.evaluation import diagnostics as diag
@@ -316,8 +318,6 @@ class Grid:
 
     def attack_names(self) -> list[str]:
         """Every attack of the run, canonical, in order (``transfer`` expanded to its suite)."""
-        from robustkit.attacks.transfer import TRANSFER_SUITE
-
         names: list[str] = []
         for a in self.spec.attack:
             expanded = list(TRANSFER_SUITE) if a.strip().lower() == TRANSFER else [with_backend(a, self.spec.backend)]
@@ -344,8 +344,6 @@ class Grid:
         """The cells' attacks other than the minimum-norm ones (whose rows come from their curve):
         each attack, or with surrogates each attack from each surrogate (``ATTACK@SURROGATE``,
         surrogates outer); ``transfer`` expands to the transfer suite."""
-        from robustkit.attacks.transfer import TRANSFER_SUITE
-
         transfer = any(a.strip().lower() == TRANSFER for a in self.spec.attack)
         suite = {canonical_attack(n) for n in TRANSFER_SUITE} if transfer else set()
         names = [n for n in self.attack_names() if not self.spec.minimum_norm(n)]
@@ -353,8 +351,6 @@ class Grid:
         surrogates = getattr(self, "surrogates", [])
         if not surrogates:
             return attacks
-        from robustkit.attacks import Transferred
-
         self._suite = {f"{n}@{label}" for label, _, _ in surrogates for n in suite}
         return [(f"{n}@{label}", Transferred(a, model, label, sha))
                 for label, model, sha in surrogates for n, a in attacks]
@@ -617,8 +613,6 @@ class Grid:
 
     def _diagnose(self, model: torch.nn.Module, attacks: list[tuple[str, Attack]], threat: ThreatModel,
                   result: EvalResult) -> list[str]:
-        from robustkit.attacks import PGD
-
         idx = torch.from_numpy(result.clean_correct.nonzero()[0][:64])
         x, y = self.dataset.x[idx].to(self.device), self.dataset.y[idx].to(self.device)
         warnings = diag.sanity_checks(model, x, y, self.dataset.num_classes, threat, self.dataset.name)
@@ -713,6 +707,7 @@ def defense_label(name: str | None, kwargs: dict[str, Any]) -> str:
         if kwargs:
             raise UsageError("--defense-kwargs was given without --defense.")
         return ""
+    # heavy, only for --defense: importing robustkit.defenses loads every defense
     import robustkit.defenses  # noqa: F401  (registers the defenses)
     from robustkit.defenses.kinds import defense_of_kind
 

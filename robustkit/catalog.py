@@ -7,6 +7,7 @@ import pprint
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from robustkit._catalog_index import INDEX
 from robustkit.errors import UsageError
 from robustkit.registry import ATTACKS, DATASETS, DEFENSES, MODELS, Registry
 
@@ -36,8 +37,6 @@ def catalog(
     if entry_points(group=registry.group):  # a plug-in package adds names: ask the registries themselves
         rows = live_rows(what)
     else:  # the built-in names, from the index kept in sync by a test: no torch to import (seconds)
-        from robustkit._catalog_index import INDEX
-
         rows = [(name, list(aliases), description) for name, aliases, description, _ in INDEX[what]]
     if what == "models":
         rows.append(("timm:NAME", [], "any timm model (pip install timm)"))
@@ -53,8 +52,6 @@ def defense_kinds() -> dict[str, str]:
     """Where each defense plugs in (training, inference, architecture, data), by name."""
     if entry_points(group=DEFENSES.group):
         return {name: str(getattr(DEFENSES.get(name), "kind", "")) for name, _, _ in live_rows("defenses")}
-    from robustkit._catalog_index import INDEX
-
     return {name: kind for name, _, _, kind in INDEX["defenses"]}
 
 

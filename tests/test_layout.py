@@ -137,3 +137,35 @@ def test_the_catalog_index_matches_the_registries() -> None:
     proc = subprocess.run([sys.executable, "-c", "import sys; from robustkit.catalog import index_source; "
                            "sys.stdout.write(index_source())"], capture_output=True, text=True, check=True)
     assert path.read_text() == proc.stdout, "stale index: run `python -m robustkit.catalog`"
+
+
+def imports_without_reason(source: str) -> list[int]:
+    """The lines of imports inside functions with no comment saying why they are there: on the same
+    line, on the line above, or above the first of a run of consecutive import lines."""
+    lines = source.splitlines()
+    found = set()
+    for function in ast.walk(ast.parse(source)):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(function):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            first = node.lineno
+            while first > 1 and lines[first - 2].strip().startswith(("import ", "from ")):
+                first -= 1
+            if "#" not in lines[node.lineno - 1] and not (first > 1 and lines[first - 2].strip().startswith("#")):
+                found.add(node.lineno)
+    return sorted(found)
+
+
+def test_in_function_imports_say_why() -> None:
+    """Imports go at the module top; one inside a function (an optional extra, torch or pandas kept out
+    of the command line's start, a heavy module only one path needs, a cycle) says why in a comment."""
+    missing = {name: lines for name, path in modules().items() if (lines := imports_without_reason(path.read_text()))}
+    assert missing == {}
+
+
+def test_the_reason_check_finds_an_uncommented_import() -> None:
+    source = ("def f():\n    # lazy: heavy\n    import a\n    from b import c\n\n"
+              "def g():\n    x = 1\n    import d\n    import e  # optional extra: e\n")
+    assert imports_without_reason(source) == [8]

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from robustkit.cli.budget import budget_of, cost_line
 from robustkit.units import parse_eps
 
 out = Console()
@@ -235,7 +237,7 @@ class ProgressBars:
     # -- what the grid tells ---------------------------------------------------------------------------
     def plan(self, grid: Any) -> None:
         """Before any work: say what the run costs; learn the points, batch size and attacks."""
-        from robustkit.cli.budget import budget_of, cost_line
+        # lazy: the CLI must not import torch at import time
         from robustkit.distributed import world
 
         self.rank, self.world = world()
@@ -302,8 +304,6 @@ class ProgressBars:
     def _calls_of(self, attack: Any) -> int | None:
         if attack is None:
             return None
-        from robustkit.cli.budget import budget_of
-
         cache = self._cell.setdefault("budgets", {})  # per cell: its attack objects live as long as it runs
         if id(attack) not in cache:
             cache[id(attack)] = budget_of(getattr(attack, "name", "attack"), attack, self.classes).calls
@@ -444,8 +444,6 @@ class ProgressBars:
         if self._watch is not None:
             self._watch.__exit__(None, None, None)
         if self.notes is not None and self.rank == 0:
-            import shutil
-
             shutil.rmtree(self.notes, ignore_errors=True)
         if self.tasks:
             self.progress.stop()

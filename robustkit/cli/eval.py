@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Iterator
 
@@ -13,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from robustkit.cli.console import ProgressBars, err, out
+from robustkit.units import eps_label
 
 
 @click.command("eval")
@@ -97,6 +99,7 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
       robustkit eval --config eval.yaml
       torchrun --nproc-per-node 4 -m robustkit eval --config eval.yaml   # sharded
     """
+    # lazy: the CLI must not import torch at import time
     from robustkit.evaluation.grid import EvalSpec, dump_json, parse_kwargs, run_grid
 
     given = {k: v for k, v in options.items() if v is not None}
@@ -109,8 +112,6 @@ def eval_cmd(config: str | None, dump_config: bool, db: str | None, overwrite: b
     if dump_config:
         click.echo(spec.to_yaml(), nl=False)
         return
-    import math
-
     curve_cells = any(spec.minimum_norm(a) for a in spec.attack)
     cells = len(spec.model) * (sum(math.isfinite(e) for e in spec.eps) + curve_cells)
     with ProgressBars(enabled=not (quiet or as_json), cells=cells) as bars, stage_log(not (quiet or as_json)):
@@ -180,6 +181,7 @@ def _print_cell(report) -> None:  # noqa: ANN001
 
 def _print_curves(report) -> None:  # noqa: ANN001
     """The minimum-norm attacks' curves of one model: distances and accuracy at the standard radii."""
+    # lazy: the CLI must not import pandas at import time
     from robustkit.results.curves import STANDARD_RADII, radius_dataset, robust_at
 
     for c in report.existing:
@@ -219,7 +221,5 @@ def _dist(value: float, norm: str) -> str:
 
 
 def _eps_str(eps: float) -> str:
-    from robustkit.units import eps_label
-
     return eps_label(eps)
 

@@ -3,16 +3,23 @@ comparison with RobustBench."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Sequence
+from itertools import groupby
 from typing import TYPE_CHECKING
 
 import click
+from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+import robustkit.cli.console as cli_console
 from robustkit.cli.console import err, out
+from robustkit.errors import UsageError
+from robustkit.paths import check_file, make_dir
+from robustkit.units import eps_str
 
 if TYPE_CHECKING:
     from robustkit.results.leaderboard import Leaderboard, ResultRow
@@ -66,6 +73,7 @@ def leaderboard_cmd(
       robustkit leaderboard --format robustbench --output model_info
       robustkit leaderboard --compare robustbench/model_info/cifar10/Linf
     """
+    # lazy: the CLI must not import pandas at import time
     from robustkit.results.leaderboard import Leaderboard
 
     board = Leaderboard(db, create=False)
@@ -83,7 +91,8 @@ def standard_eps(dataset: str, norm: str, models: Sequence[str]) -> float | None
     """The data set's standard radius: RobustBench's (CIFAR-10/100, ImageNet), else the papers' one
     robustkit eval uses (MNIST); images from a file (npz:) count as the data set their models are
     built for. Imports the model registry (torch) lazily: only the ranked view needs it."""
-    from robustkit.evaluation.grid import STANDARD_EPS, default_dataset  # torch: lazily, only here
+    # lazy: the CLI must not import torch at import time
+    from robustkit.evaluation.grid import STANDARD_EPS, default_dataset
     from robustkit.models import robustbench as rb
 
     name = dataset.lower()
@@ -100,6 +109,7 @@ def extra_columns(board: Leaderboard) -> list[ExtraColumn]:
     """Per-model columns added to the ranked view and all its exports: where minimum-norm attacks
     stored robustness curves for a model entry (same model, checkpoint, defense, data, n, norm),
     the smallest median distance over those curves and the attack that gave it."""
+    # lazy: the CLI must not import pandas at import time
     from robustkit.results.curves import CurveStore
     from robustkit.results.ranked import ExtraColumn
     curves = CurveStore(board, create=False).curves()
@@ -124,8 +134,6 @@ def _write(text: str, output: str | None, what: str) -> None:
     if output is None:
         click.echo(text, nl=not text.endswith("\n"))
         return
-    from robustkit.paths import check_file, make_dir
-
     path = check_file(output, "--output")
     make_dir(path.parent, "--output")
     path.write_text(text, encoding="utf-8")
@@ -133,6 +141,7 @@ def _write(text: str, output: str | None, what: str) -> None:
 
 
 def _ranked_view(board: Leaderboard, rows: list[ResultRow], fmt: str, output: str | None) -> None:
+    # lazy: the CLI must not import pandas at import time
     from robustkit.results import ranked
 
     groups = ranked.build_groups(rows, standard_eps, extra_columns(board))
@@ -144,6 +153,7 @@ def _ranked_view(board: Leaderboard, rows: list[ResultRow], fmt: str, output: st
             out.print(_fit(lambda drop, g=group: _ranked_table(g, drop), 2 + len(group.eps), out.width))
         return
     if fmt == "html":
+        # lazy: the CLI must not import pandas at import time
         from robustkit.results.html_page import ranked_page
 
         text = ranked_page(groups, rows)
@@ -154,10 +164,6 @@ def _ranked_view(board: Leaderboard, rows: list[ResultRow], fmt: str, output: st
     elif fmt == "csv":
         text = ranked.to_frame(groups).to_csv(index=False)
     else:  # "table" into a file: the tables as the terminal shows them, 120 columns, no colour
-        import io
-
-        from rich.console import Console
-
         console = Console(file=io.StringIO(), width=120, color_system=None)
         for group in groups:
             console.print(_fit(lambda drop, g=group: _ranked_table(g, drop), 2 + len(group.eps), 120))
@@ -167,6 +173,7 @@ def _ranked_view(board: Leaderboard, rows: list[ResultRow], fmt: str, output: st
 
 def _raw_view(board: object, rows: list[ResultRow], fmt: str, output: str | None,
               dataset: str | None, norm: str | None, model: str | None) -> None:
+    # lazy: the CLI must not import pandas at import time
     from robustkit.results.leaderboard import export
 
     if fmt == "table" and output is None:
@@ -176,6 +183,7 @@ def _raw_view(board: object, rows: list[ResultRow], fmt: str, output: str | None
             out.print(table)
         return
     if fmt == "html":
+        # lazy: the CLI must not import pandas at import time
         from robustkit.results.html_page import raw_page
 
         _write(raw_page(rows), output, f"{len(rows)} rows")
@@ -190,11 +198,9 @@ def _raw_view(board: object, rows: list[ResultRow], fmt: str, output: str | None
 def _fit(build: Callable[[int], Table], steps: int, width: int) -> Table:
     """The first of ``build(0)``, ``build(1)``, ... ``build(steps)`` (each dropping one more thing)
     that fits ``width`` columns; the last one otherwise (rich then wraps its cells)."""
-    from robustkit.cli.console import out as console
-
     for drop in range(steps + 1):
         table = build(drop)
-        if Measurement.get(console, console.options.update(width=10_000), table).maximum <= width:
+        if Measurement.get(cli_console.out, cli_console.out.options.update(width=10_000), table).maximum <= width:
             return table
     return table
 
@@ -203,6 +209,7 @@ def _ranked_table(group: Group, drop: int) -> Table:
     """``drop``: 0 everything, 1 the attack name only at the ranking radius, 2 no attack names, 3+ also
     radii other than the ranking one (smallest first, one more per step). An n column every row
     shares and an all-empty defense column are left out."""
+    # lazy: the CLI must not import pandas at import time
     from robustkit.results.ranked import text_rows
 
     eps = list(group.eps)
@@ -230,11 +237,9 @@ def _ranked_table(group: Group, drop: int) -> Table:
 
 def _raw_tables(rows: list[ResultRow]) -> list[Table]:
     """``--rows``: one table per data set and norm; each row with its defense, checkpoint and attack label."""
-    from itertools import groupby
-
+    # lazy: the CLI must not import pandas at import time
     from robustkit.results.labels import attack_labels, checkpoint_label, is_random_weights
     from robustkit.results.ranked import percent
-    from robustkit.units import eps_str
 
     labels = attack_labels(rows)
     tables = []
@@ -268,7 +273,7 @@ def _raw_tables(rows: list[ResultRow]) -> list[Table]:
 
 def _robustbench_leaderboard(rows: list[ResultRow], fmt: str, output: str | None, compare_with: str | None) -> None:
     """``--format robustbench`` (model-info files) and ``--compare`` (a table of differences)."""
-    from robustkit.errors import UsageError
+    # lazy: the CLI must not import torch at import time
     from robustkit.results import robustbench as rbf
     from robustkit.results.leaderboard import export
 

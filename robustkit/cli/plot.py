@@ -6,6 +6,7 @@ import click
 from rich.text import Text
 
 from robustkit.cli.console import err
+from robustkit.errors import DataError, UsageError
 
 
 @click.command("plot")
@@ -33,6 +34,7 @@ def plot_cmd(curve: bool, metric: str, x_axis: str, output: str, dataset: str | 
       robustkit plot --dataset cifar10 --norm linf --attack worst-case --output curves.svg
       robustkit plot --curve --output curve.png      # curves of minimum-norm attacks
     """
+    # lazy: the CLI must not import pandas at import time
     from robustkit.results.plot import check_output
 
     check_output(output, make_folder=False)  # before reading anything
@@ -40,6 +42,7 @@ def plot_cmd(curve: bool, metric: str, x_axis: str, output: str, dataset: str | 
         path = _plot_curves(db, output, dataset=dataset, norm=norm, model=model, attack=attack,
                             metric=metric, x_axis=x_axis)
     else:
+        # lazy: the CLI must not import pandas at import time
         from robustkit.results.leaderboard import Leaderboard
         from robustkit.results.plot import plot_leaderboard
 
@@ -50,10 +53,9 @@ def plot_cmd(curve: bool, metric: str, x_axis: str, output: str, dataset: str | 
 
 def _plot_curves(db: str | None, output: str, *, metric: str, x_axis: str, **filters: str | None) -> object:
     """``plot --curve``: the stored curves, filtered like the leaderboard's rows."""
-    from robustkit.errors import DataError, UsageError
-
     if metric != "robust_acc" or x_axis != "eps":
         raise UsageError("--curve draws robust accuracy against eps; leave out --metric and --x.")
+    # lazy: the CLI must not import pandas at import time
     from robustkit.results.plot import plot_curves
 
     frame = _curve_frame(db)
@@ -68,6 +70,7 @@ def _plot_curves(db: str | None, output: str, *, metric: str, x_axis: str, **fil
 
 def _curve_frame(db: str | None) -> object:
     """The leaderboard's stored curves, one row per eps point (robustkit.results.curves)."""
+    # lazy: the CLI must not import pandas at import time
     from robustkit.results.curves import curve_frame
 
     return curve_frame(db)

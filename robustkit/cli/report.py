@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from robustkit.cli.console import fitted_table
+from robustkit.errors import DataError
 from robustkit.units import eps_label
 
 out = Console()
@@ -112,7 +113,7 @@ def optimality_cmd(model: str | None, dataset: str | None, norm: str | None, fmt
       robustkit eval --model resnet20 --checkpoint resnet20-12fca82f.th --attack fmn,ddn,alma --norm l2
       robustkit report optimality --norm l2
     """
-    from robustkit.errors import DataError
+    # lazy: the CLI must not import pandas at import time
     from robustkit.results.curves import optimality_frame
 
     table = optimality_frame(db, model=model, dataset=dataset, norm=norm)

@@ -44,6 +44,8 @@ import yaml
 from robustkit import __version__
 from robustkit import distributed as dist
 from robustkit.attack import Attack
+from robustkit.attacks import PGD, Transferred
+from robustkit.attacks.transfer import TRANSFER_SUITE
 from robustkit.data import Dataset, load_dataset
 from robustkit.errors import UsageError
 from robustkit.evaluation import diagnostics as diag
@@ -63,8 +65,10 @@ from robustkit.evaluation.surrogates import load_surrogate, surrogate_from_sidec
 from robustkit.models import is_external, load_model, model_info, weights_sha256
 from robustkit.models import robustbench as rb
 from robustkit.models.checkpoint import check_sha256
+from robustkit.models.prompted import prompt_backbone, prompt_label, wrap_prompt
 from robustkit.models.robustbench_weights import check_normalize, locate_weights
-from robustkit.registry import ATTACKS, MODELS
+from robustkit.models.sidecar import load_trained_model, read_sidecar, sidecar_model_name
+from robustkit.registry import ATTACKS, DEFENSES, MODELS
 from robustkit.results import curves as rc
 from robustkit.results.leaderboard import Leaderboard, ResultRow, canonical_json
 from robustkit.threat import ThreatModel
@@ -141,8 +145,6 @@ class EvalSpec:
         self.checkpoint = [c or None for c in _split(self.checkpoint)]
         self.eps = [_parse_radius(e) for e in _split(self.eps if not isinstance(self.eps, int | float) else [self.eps])]
         if self.prompt and not self.model:  # the backbone the prompt was trained on
-            from robustkit.models.prompted import prompt_backbone
-
             model, checkpoint = prompt_backbone(self.prompt)
             self.model, self.checkpoint = [model], self.checkpoint or [checkpoint]
         if not self.model:
@@ -305,8 +307,6 @@ class Grid:
                                fetch=False)
         self.defense = defense_label(spec.defense, spec.defense_kwargs)
         if spec.prompt:  # rows of a prompted model differ from the backbone's
-            from robustkit.models.prompted import prompt_label
-
             self.defense = "+".join(filter(None, [prompt_label(spec.prompt), self.defense]))
         self.dataset: Dataset = load_dataset(spec.dataset, data_dir=spec.data_dir, split=spec.split,
                                              n_examples=spec.n_examples, download=spec.download)
@@ -318,8 +318,6 @@ class Grid:
 
     def attack_names(self) -> list[str]:
         """Every attack of the run, canonical, in order (``transfer`` expanded to its suite)."""
-        from robustkit.attacks.transfer import TRANSFER_SUITE
-
         names: list[str] = []
         for a in self.spec.attack:
             expanded = list(TRANSFER_SUITE) if a.strip().lower() == TRANSFER else [with_backend(a, self.spec.backend)]
@@ -346,8 +344,6 @@ class Grid:
         """The cells' attacks other than the minimum-norm ones (whose rows come from their curve):
         each attack, or with surrogates each attack from each surrogate (``ATTACK@SURROGATE``,
         surrogates outer); ``transfer`` expands to the transfer suite."""
-        from robustkit.attacks.transfer import TRANSFER_SUITE
-
         transfer = any(a.strip().lower() == TRANSFER for a in self.spec.attack)
         suite = {canonical_attack(n) for n in TRANSFER_SUITE} if transfer else set()
         names = [n for n in self.attack_names() if not self.spec.minimum_norm(n)]
@@ -355,8 +351,6 @@ class Grid:
         surrogates = getattr(self, "surrogates", [])
         if not surrogates:
             return attacks
-        from robustkit.attacks import Transferred
-
         self._suite = {f"{n}@{label}" for label, _, _ in surrogates for n in suite}
         return [(f"{n}@{label}", Transferred(a, model, label, sha))
                 for label, model, sha in surrogates for n, a in attacks]
@@ -437,8 +431,6 @@ class Grid:
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def _model(self, index: int) -> torch.nn.Module:
-        from robustkit.models.prompted import wrap_prompt
-
         spec = self.spec
         return wrap_defense(wrap_prompt(_load(spec.model[index], spec.checkpoint_of(index), spec), spec.prompt),
                             spec.defense, spec.defense_kwargs)
@@ -621,8 +613,6 @@ class Grid:
 
     def _diagnose(self, model: torch.nn.Module, attacks: list[tuple[str, Attack]], threat: ThreatModel,
                   result: EvalResult) -> list[str]:
-        from robustkit.attacks import PGD
-
         idx = torch.from_numpy(result.clean_correct.nonzero()[0][:64])
         x, y = self.dataset.x[idx].to(self.device), self.dataset.y[idx].to(self.device)
         warnings = diag.sanity_checks(model, x, y, self.dataset.num_classes, threat, self.dataset.name)
@@ -693,16 +683,12 @@ def default_dataset(model: str) -> str:
 def _model_from_sidecar(checkpoint: str | None) -> str:
     """The model a ``robustkit train`` checkpoint's sidecar records (so --model can be left out);
     the default model when the checkpoint has no sidecar."""
-    from robustkit.models.sidecar import read_sidecar, sidecar_model_name
-
     side = read_sidecar(checkpoint) if checkpoint else None
     return sidecar_model_name(side) if side is not None else "digits-cnn"
 
 
 def _load(name: str, checkpoint: str | None, spec: EvalSpec) -> torch.nn.Module:
     """The model; a checkpoint written by ``robustkit train`` brings its own normalization and transforms."""
-    from robustkit.models.sidecar import load_trained_model, read_sidecar, sidecar_model_name
-
     side = read_sidecar(checkpoint) if checkpoint else None
     if side is not None and spec.normalize == "default" and sidecar_model_name(side) == name:
         if spec.sha256:
@@ -721,6 +707,7 @@ def defense_label(name: str | None, kwargs: dict[str, Any]) -> str:
         if kwargs:
             raise UsageError("--defense-kwargs was given without --defense.")
         return ""
+    # heavy, only for --defense: importing robustkit.defenses loads every defense
     import robustkit.defenses  # noqa: F401  (registers the defenses)
     from robustkit.defenses.kinds import defense_of_kind
 
@@ -732,8 +719,6 @@ def wrap_defense(model: torch.nn.Module, name: str | None, kwargs: dict[str, Any
     """``model`` behind the inference defense ``name`` (unchanged without one)."""
     if not name:
         return model
-    from robustkit.registry import DEFENSES
-
     cls = DEFENSES.get(name)
     try:
         return cls(model, **kwargs).eval()

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pandas as pd
+import torch
 from safetensors.torch import save_file
 
 from robustkit.evaluation.runner import EvalResult
@@ -51,8 +52,6 @@ def read_records(path: str | Path) -> pd.DataFrame:
 
 def save_adversarial(result: EvalResult, path: str | Path) -> Path:
     """Store the worst-case adversarial examples with their indices and labels (safetensors)."""
-    import torch
-
     if result.x_adv is None:
         raise ValueError("the evaluation kept no adversarial examples (keep_adv=False)")
     path = Path(path)

@@ -10,14 +10,13 @@ from collections.abc import Sequence
 
 import torch
 
-from robustkit.errors import UsageError
+from robustkit.errors import UnknownNameError, UsageError
 from robustkit.models import load_model, weights_sha256
+from robustkit.models.sidecar import load_trained_model, read_sidecar, sidecar_model_name
 
 
 def surrogate_from_sidecar(checkpoint: str | None) -> str:
     """The model name a surrogate checkpoint's training sidecar records (so --surrogate can be left out)."""
-    from robustkit.models.sidecar import read_sidecar, sidecar_model_name
-
     side = read_sidecar(checkpoint) if checkpoint else None
     if side is None:
         raise UsageError(f"Name the surrogate of {checkpoint or 'an empty --surrogate-checkpoint entry'} with "
@@ -42,9 +41,6 @@ def surrogate_labels(names: Sequence[str], checkpoints: Sequence[str | None] = (
 
 def load_surrogate(name: str, checkpoint: str | None = None) -> torch.nn.Module:
     """A surrogate: a ``robustkit train`` checkpoint brings its own normalization (sidecar)."""
-    from robustkit.errors import UnknownNameError
-    from robustkit.models.sidecar import load_trained_model, read_sidecar, sidecar_model_name
-
     side = read_sidecar(checkpoint) if checkpoint else None
     if side is not None and name in (side.get("model"), sidecar_model_name(side)):
         return load_trained_model(checkpoint)

@@ -39,9 +39,11 @@ def pyplot(output: str | Path) -> Any:
     """matplotlib.pyplot (Agg backend) after checking that ``output`` names a figure file."""
     check_output(output)
     try:
+        # optional extra: matplotlib
         import matplotlib
 
         matplotlib.use("Agg")
+        # optional extra: matplotlib
         import matplotlib.pyplot as plt
     except ImportError:
         raise DependencyError("matplotlib", "pip install matplotlib") from None
@@ -61,6 +63,7 @@ def check_output(output: str | Path, *, make_folder: bool = True) -> Path:
 def new_figure(size: tuple[float, float]) -> Any:
     """A matplotlib Figure with constrained layout, outside pyplot's global state."""
     try:
+        # optional extra: matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
@@ -94,6 +97,7 @@ def panel_order(groups: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def log_axis_numbers(axis: Any) -> None:
     """Plain numbers (``50``, ``0.2``) on a log axis instead of ``5 x 10^1``, at 1, 2 and 5 of each decade."""
+    # optional extra: matplotlib
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -127,6 +131,7 @@ class Series:
 
 def model_styles(models: Sequence[str]) -> dict[str, tuple[Any, str]]:
     """One (colour, marker) per model: tab10 up to 10 models, tab20 up to 20, then markers vary too."""
+    # optional extra: matplotlib
     from matplotlib import colormaps
 
     palette = colormaps["tab10" if len(models) <= 10 else "tab20"].colors
@@ -156,6 +161,7 @@ def attack_styles(attacks: Sequence[str]) -> dict[str, Any]:
 
 def eps_formatter(scale: float) -> Any:
     """Tick text for eps: ``k/255`` when ``scale`` is 255 (fractions of a level keep 2 decimals)."""
+    # optional extra: matplotlib
     from matplotlib.ticker import FuncFormatter
 
     def text(value: float, _pos: int | None = None) -> str:
@@ -181,6 +187,7 @@ def _eps_ticks_255(largest: float, *, log: bool, smallest: float = 0.0) -> list[
 
 def format_eps_axis(ax: Any, dataset: str, norm: str, eps: np.ndarray, *, log: bool = False) -> None:
     """The x axis of one panel: eps in k/255 on 8-bit Linf data, decimals elsewhere, with its label."""
+    # optional extra: matplotlib
     from matplotlib.ticker import FixedLocator
 
     positive = eps[eps > 0]
@@ -250,6 +257,7 @@ def draw_panels(series: list[Series], *, ylabel: str, percent: bool, log: bool =
 def _legend(fig: Any, models: list[str], attacks: list[str], colours: dict[str, tuple[Any, str]],
             styles: dict[str, Any]) -> Any:
     """One legend right of the panels: a "model" section (colour, marker) and an "attack" one (style)."""
+    # optional extra: matplotlib
     from matplotlib.lines import Line2D
 
     def header() -> Any:

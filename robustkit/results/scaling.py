@@ -20,6 +20,19 @@ import numpy as np
 import pandas as pd
 
 from robustkit.errors import DataError, UsageError
+from robustkit.results.plot import (
+    PANEL_SIZE,
+    attack_order,
+    attack_styles,
+    check_output,
+    dataset_label,
+    format_eps_axis,
+    log_axis_numbers,
+    model_styles,
+    new_figure,
+    panel_order,
+    save,
+)
 
 QUANTITIES = ("excess", "error")
 GROUP_COLUMNS = ("model", "defense", "dataset", "norm", "attack")
@@ -63,6 +76,7 @@ class ScalingReport:
 
 def fit_power_law(eps: np.ndarray, value: np.ndarray, *, level: float = 0.95) -> PowerLawFit:
     """Least squares of ``log value = log c + k log eps``; ``k``'s interval from Student's t."""
+    # heavy, only for fitting power laws
     from scipy import stats
 
     eps, value = np.asarray(eps, dtype=float), np.asarray(value, dtype=float)
@@ -135,19 +149,8 @@ def scaling_figure(reports: list[ScalingReport], *, quantity: str = "excess") ->
     Colour and marker follow the model, the fitted line's style the attack (as in ``robustkit
     plot``); below each panel a legend gives each sweep's exponent k with its interval.
     """
+    # optional extra: matplotlib
     from matplotlib.lines import Line2D
-
-    from robustkit.results.plot import (
-        PANEL_SIZE,
-        attack_order,
-        attack_styles,
-        dataset_label,
-        format_eps_axis,
-        log_axis_numbers,
-        model_styles,
-        new_figure,
-        panel_order,
-    )
 
     if not reports:
         raise DataError("No eps sweeps to plot for this selection.")
@@ -200,7 +203,5 @@ def scaling_figure(reports: list[ScalingReport], *, quantity: str = "excess") ->
 
 def plot_scaling(reports: list[ScalingReport], output: str, *, quantity: str = "excess") -> None:
     """:func:`scaling_figure` written to ``output`` (matplotlib; the format follows the suffix)."""
-    from robustkit.results.plot import check_output, save
-
     check_output(output)
     save(scaling_figure(reports, quantity=quantity), output)

@@ -102,19 +102,29 @@ DUAL = {"l1": INF, "l2": 2.0, "linf": 1.0}
 
 def project_l1_ball(flat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Euclidean projection of each row onto the L1 ball of its own radius ``eps[i]`` (Duchi et
-    al., 2008); rows already inside are left alone."""
-    abs_v = flat.abs()
+    al., 2008); rows already inside are left alone, and only the rows outside are sorted (the
+    sort is most of the cost; once most points are inside their ball, adv-lib does the same)."""
     outside = flat.norm(p=1, dim=1) > eps
     if not outside.any():
         return flat
+    if outside.all():
+        return _project_rows_l1(flat, eps)
+    rows = outside.nonzero().squeeze(1)
+    projected = flat.clone()
+    projected[rows] = _project_rows_l1(flat[rows], eps[rows])
+    return projected
+
+
+def _project_rows_l1(flat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Duchi et al.'s projection of every row of ``flat`` (all outside their ball) onto it."""
+    abs_v = flat.abs()
     mu = abs_v.sort(dim=1, descending=True).values
     cumsum = mu.cumsum(1)
     ar = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=flat.dtype)
     cond = mu - (cumsum - eps[:, None]) / ar > 0
     rho = cond.float().cumsum(1).argmax(1, keepdim=True)  # last index where cond holds
     theta = (cumsum.gather(1, rho) - eps[:, None]) / (rho + 1).to(flat.dtype)
-    projected = flat.sign() * (abs_v - theta).clamp_min(0)
-    return torch.where(outside[:, None], projected, flat)
+    return flat.sign() * (abs_v - theta).clamp_min(0)
 
 
 def check_positive(name: str, **values: float) -> None:

@@ -99,8 +99,13 @@ class FMN(MinimumNorm, Attack):
         best_adv = xf.clone()
         found = torch.zeros(n, dtype=torch.bool, device=x.device)
         rows = torch.arange(n, device=x.device)
+        every = not self.stops()  # no point ever stops: whole tensors, no gathers, scatters or syncs
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t if every else t[rows]
+
         for i in range(self.steps):
-            if self.stops():
+            if not every:
                 rows = rows[~self.within(torch.where(found[rows], best_norm[rows], INF))]
                 if not len(rows):
                     break
@@ -108,33 +113,42 @@ class FMN(MinimumNorm, Attack):
             alpha = self.alpha_final + (self.alpha_init - self.alpha_final) * cosine
             gamma = self.gamma_final + (self.gamma_init - self.gamma_final) * cosine
 
-            d = delta[rows].requires_grad_(True)
-            x0 = xf[rows]
+            d = take(delta).clone().requires_grad_(True) if every else delta[rows].requires_grad_(True)
+            x0 = take(xf)
             size = d.detach().norm(p=p, dim=1)
             with torch.enable_grad():
                 logits = forward((x0 + d).view(-1, *x.shape[1:]))
-                loss = sign * margin(logits, labels[rows])
+                loss = sign * margin(logits, take(labels))
                 (grad,) = torch.autograd.grad(loss.sum(), d)
             d = d.detach()
-            adv = self.is_success(logits.detach(), y[rows], None if target is None else target[rows])
-            better = adv & (size < best_norm[rows])
-            found[rows] |= adv
-            best_norm[rows] = torch.where(better, size, best_norm[rows])
-            best_adv[rows[better]] = (x0 + d)[better]
+            adv = self.is_success(logits.detach(), take(y), None if target is None else take(target))
+            best = take(best_norm)
+            better = adv & (size < best)
+            if every:
+                found = found | adv
+                best_norm = torch.where(better, size, best_norm)
+                best_adv = torch.where(better[:, None], x0 + d, best_adv)
+            else:
+                found[rows] |= adv
+                best_norm[rows] = torch.where(better, size, best)
+                best_adv[rows[better]] = (x0 + d)[better]
 
-            r = radius[rows]
+            r = take(radius)
             if norm == "l0":
-                r = torch.where(adv, torch.minimum(torch.minimum(r - 1, (r * (1 - gamma)).floor()), best_norm[rows]),
+                r = torch.where(adv, torch.minimum(torch.minimum(r - 1, (r * (1 - gamma)).floor()), take(best_norm)),
                                 torch.maximum(r + 1, (r * (1 + gamma)).floor())).clamp_min(0)
             else:
                 to_boundary = loss.detach().abs() / lp(grad, DUAL[norm]).clamp_min(1e-12)
-                r = torch.where(adv, torch.minimum(r * (1 - gamma), best_norm[rows]),
-                                torch.where(found[rows], r * (1 + gamma), size + to_boundary))
-            r = torch.minimum(r, worst[rows])
-            radius[rows] = r
+                r = torch.where(adv, torch.minimum(r * (1 - gamma), take(best_norm)),
+                                torch.where(take(found), r * (1 + gamma), size + to_boundary))
+            r = torch.minimum(r, take(worst))
 
             d = d + alpha * grad / view(grad.norm(p=2, dim=1).clamp_min(1e-12), grad)
             d = _project(d, r, norm)
-            delta[rows] = (x0 + d).clamp(0, 1) - x0
+            if every:
+                radius, delta = r, (x0 + d).clamp(0, 1) - x0
+            else:
+                radius[rows] = r
+                delta[rows] = (x0 + d).clamp(0, 1) - x0
         best_norm = torch.where(found, best_norm, INF)
         return self.result(x, best_adv.view_as(x), best_norm)

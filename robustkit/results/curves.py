@@ -19,8 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import closing, contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from robustkit.errors import DataError, ResultExistsError, UsageError
-from robustkit.results.leaderboard import BUSY_TIMEOUT_MS, Leaderboard, canonical_json
+from robustkit.errors import ResultExistsError, UsageError
+from robustkit.results.leaderboard import Leaderboard, canonical_json
 from robustkit.units import eps_str
 
 # The radii papers report per data set and norm (RobustBench's, plus the half radius for Linf on
@@ -251,21 +250,11 @@ class CurveStore:
     the leaderboard's, so concurrent evaluations never duplicate a curve)."""
 
     def __init__(self, db: str | Path | Leaderboard | None = None, *, create: bool = True) -> None:
-        board = db if isinstance(db, Leaderboard) else Leaderboard(db, create=create)
-        self.path = Path(board.path)
+        self.board = db if isinstance(db, Leaderboard) else Leaderboard(db, create=create)
+        self.path = Path(self.board.path)
         if create:
-            with self._connect() as conn:
+            with self.board.connect() as conn:
                 conn.execute(_SCHEMA)
-
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        try:
-            with closing(sqlite3.connect(self.path, isolation_level=None)) as conn:
-                conn.row_factory = sqlite3.Row
-                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-                yield conn
-        except sqlite3.DatabaseError as exc:
-            raise DataError(f"Cannot use the leaderboard database {self.path}: {exc}.") from exc
 
     def _has_table(self, conn: sqlite3.Connection) -> bool:
         return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='curves'").fetchone() is not None
@@ -277,7 +266,7 @@ class CurveStore:
         if overwrite:
             sql += (f" ON CONFLICT ({', '.join(KEY_FIELDS)}) DO UPDATE SET "
                     + ", ".join(f"{k} = excluded.{k}" for k in values))
-        with self._connect() as conn:
+        with self.board.connect() as conn:
             conn.execute(_SCHEMA)
             try:
                 conn.execute(sql, values)
@@ -291,7 +280,7 @@ class CurveStore:
         """The stored curve with the same key as ``curve`` (its distances may differ), or None."""
         values = _to_db(curve)
         where = " AND ".join(f"{k} = ?" for k in KEY_FIELDS)
-        with self._connect() as conn:
+        with self.board.connect() as conn:
             if not self._has_table(conn):
                 return None
             record = conn.execute(f"SELECT * FROM curves WHERE {where}", [values[k] for k in KEY_FIELDS]).fetchone()
@@ -311,7 +300,7 @@ class CurveStore:
             clauses.append(f"{name} IN ({', '.join('?' * len(options))})")
             params += options
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        with self._connect() as conn:
+        with self.board.connect() as conn:
             if not self._has_table(conn):
                 return []
             records = conn.execute(f"SELECT * FROM curves {where} ORDER BY dataset, norm, model, defense, "

@@ -173,7 +173,7 @@ class Leaderboard:
         self._init_schema()
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def connect(self) -> Iterator[sqlite3.Connection]:
         """An autocommit connection that waits (busy_timeout) when another writer holds the lock."""
         try:
             with closing(sqlite3.connect(self.path, isolation_level=None)) as conn:
@@ -184,7 +184,7 @@ class Leaderboard:
             raise DataError(f"Cannot use the leaderboard database {self.path}: {exc}.") from exc
 
     def _init_schema(self) -> None:
-        with self._connect() as conn:
+        with self.connect() as conn:
             _enable_wal(conn)
             conn.execute("BEGIN IMMEDIATE")  # one process creates the schema, the others wait
             try:
@@ -216,7 +216,7 @@ class Leaderboard:
         if overwrite:
             updates = ", ".join(f"{name} = excluded.{name}" for name in values)
             sql += f" ON CONFLICT ({', '.join(_KEY_COLUMNS)}) DO UPDATE SET {updates}"
-        with self._connect() as conn:
+        with self.connect() as conn:
             try:
                 conn.execute(sql, values)
             except sqlite3.IntegrityError as exc:
@@ -234,7 +234,7 @@ class Leaderboard:
     def get(self, row: ResultRow) -> ResultRow | None:
         """The stored cell with the same key as ``row`` (its results may differ), or None."""
         where, params = self._key_where(row)
-        with self._connect() as conn:
+        with self.connect() as conn:
             record = conn.execute(f"SELECT * FROM results WHERE {where}", params).fetchone()
         return _from_db(record) if record is not None else None
 
@@ -245,7 +245,7 @@ class Leaderboard:
     def delete(self, row: ResultRow) -> bool:
         """Remove the cell with the same key as ``row``; returns whether one was removed."""
         where, params = self._key_where(row)
-        with self._connect() as conn:
+        with self.connect() as conn:
             return conn.execute(f"DELETE FROM results WHERE {where}", params).rowcount > 0
 
     def rows(self, **filters: Any) -> list[ResultRow]:
@@ -272,7 +272,7 @@ class Leaderboard:
             params += options
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         order = "dataset, norm, eps, robust_acc DESC, model, attack, seed"
-        with self._connect() as conn:
+        with self.connect() as conn:
             records = conn.execute(f"SELECT * FROM results {where} ORDER BY {order}", params)
             return [_from_db(r) for r in records.fetchall()]
 

@@ -435,6 +435,24 @@ class Grid:
         return wrap_defense(wrap_prompt(_load(spec.model[index], spec.checkpoint_of(index), spec), spec.prompt),
                             spec.defense, spec.defense_kwargs)
 
+    def _weights(self, index: int) -> tuple[str, str]:
+        """Model ``index``'s name and weights sha256; its --checkpoint path is remembered for its rows."""
+        spec = self.spec
+        name, checkpoint = spec.model[index], spec.checkpoint_of(index)
+        sha = weights_sha256(name, checkpoint, spec.model_dir)
+        if checkpoint:
+            self._checkpoint_paths[(name, sha)] = checkpoint
+        return name, sha
+
+    def _attack(self, model: torch.nn.Module, attacks: list[tuple[str, Attack]], store: BatchStore, label: str,
+                progress: CellProgress | None) -> EvalResult | None:
+        """``model`` under ``attacks``, batch by batch into ``store``, the shards gathered (None on
+        ranks other than 0)."""
+        result = evaluate(model, self.dataset, attacks, batch_size=self.spec.batch_size, device=self.device,
+                          store=store, shard=dist.world(), keep_adv=self.spec.save_adv is not None,
+                          progress=(lambda *a: progress(label, *a)) if progress else None)
+        return self._collect(model, attacks, store, result, label)
+
     def run_cell(self, index: int, threat: ThreatModel, progress: CellProgress | None = None,
                  curve: CurveReport | None = None) -> CellReport | None:
         """Evaluate model ``index`` at ``threat``; returns None on ranks other than 0. ``curve``:
@@ -443,10 +461,7 @@ class Grid:
         The cell is computed under its batch store's lock: a second process asking for the same
         cell waits for the first, then reuses its rows."""
         spec = self.spec
-        name, checkpoint = spec.model[index], spec.checkpoint_of(index)
-        sha = weights_sha256(name, checkpoint, spec.model_dir)
-        if checkpoint:
-            self._checkpoint_paths[(name, sha)] = checkpoint
+        name, sha = self._weights(index)
         attacks = self.attacks(threat)
         derived: list[ResultRow] = []
         if curve is not None and dist.world()[0] == 0:
@@ -468,10 +483,7 @@ class Grid:
                 return CellReport(name, threat.eps, [], existing) if dist.world()[0] == 0 else None
             model = self._model(index)
             t0 = time.perf_counter()
-            result = evaluate(model, self.dataset, attacks, batch_size=spec.batch_size, device=self.device,
-                              store=store, shard=dist.world(), keep_adv=spec.save_adv is not None,
-                              progress=(lambda *a: progress(label, *a)) if progress else None)
-            result = self._collect(model, attacks, store, result, label)
+            result = self._attack(model, attacks, store, label, progress)
             if result is None:
                 return None
             warnings = self._diagnose(model, attacks, threat, result) if self._diagnosing() else []
@@ -525,10 +537,7 @@ class Grid:
         if not attacks:
             return None
         spec = self.spec
-        name, checkpoint = spec.model[index], spec.checkpoint_of(index)
-        sha = weights_sha256(name, checkpoint, spec.model_dir)
-        if checkpoint:
-            self._checkpoint_paths[(name, sha)] = checkpoint
+        name, sha = self._weights(index)
         run_id = self._cell_id(name, sha, "inf", attacks)
         store = BatchStore(self.runs / run_id)
         label = f"{name} {spec.norm} curve"
@@ -541,10 +550,7 @@ class Grid:
                 return CurveReport(name, [], existing, {c.attack: c.distances for c in existing})
             model = self._model(index)
             t0 = time.perf_counter()
-            result = evaluate(model, self.dataset, attacks, batch_size=spec.batch_size, device=self.device,
-                              store=store, shard=dist.world(), keep_adv=spec.save_adv is not None,
-                              progress=(lambda *a: progress(label, *a)) if progress else None)
-            result = self._collect(model, attacks, store, result, label)
+            result = self._attack(model, attacks, store, label, progress)
             if result is None:
                 return None
             records = write_records(result, Path(spec.records_dir or self.home / "records") / run_id)

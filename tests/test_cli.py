@@ -88,6 +88,26 @@ def test_default_eval_writes_a_row_then_reports_it_exists(capsys: pytest.Capture
     assert len(out.strip().splitlines()) == 2  # header + the one row, not duplicated
 
 
+def test_training_split_and_another_normalization_are_cells_of_their_own(capsys: pytest.CaptureFixture,
+                                                                        db: str) -> None:
+    """A run on the training split, or with another normalization than the model's, is not the
+    test-split run already stored: it is evaluated and stored beside it (it used to be reported as
+    "already in the leaderboard", with the test split's numbers)."""
+    base = ("eval", "--db", db, "--quiet", "--n-examples", "100")
+    assert run(capsys, *base)[0] == 0
+    code, _, err = run(capsys, *base, "--split", "train")
+    assert code == 0 and "already" not in err
+    assert run(capsys, *base, "--normalize", "none")[0] == 0
+    code, _, err = run(capsys, *base, "--split", "train")
+    assert code == 0 and "already in the leaderboard" in " ".join(err.split())
+    rows = json.loads(run(capsys, "leaderboard", "--db", db, "--format", "json", "--rows")[1])
+    cells = sorted((r["dataset"], r["defense"]) for r in rows)
+    assert cells == [("digits", ""), ("digits", "normalize=none"), ("digits:train", "")]
+    train = next(r for r in rows if r["dataset"] == "digits:train")
+    test = next(r for r in rows if r["dataset"] == "digits" and not r["defense"])
+    assert (train["clean_acc"], train["robust_acc"]) != (test["clean_acc"], test["robust_acc"])
+
+
 def test_eval_json_and_fraction_eps(capsys: pytest.CaptureFixture, db: str) -> None:
     code, out, _ = run(
         capsys,

@@ -18,7 +18,7 @@ import robustkit.cli.leaderboard as cli_leaderboard
 from robustkit.cli import main
 from robustkit.results import ranked
 from robustkit.results.html_page import ranked_page
-from robustkit.results.labels import attack_labels, checkpoint_label
+from robustkit.results.labels import attack_labels, checkpoint_label, dataset_of_label, split_label
 from robustkit.results.leaderboard import Leaderboard, ResultRow
 
 SHA_A, SHA_B, SHA_C = "a" * 64, "b" * 64, "c" * 64
@@ -88,6 +88,15 @@ def test_checkpoint_labels() -> None:
 
 
 # -- item 9: the ranked view ---------------------------------------------------------------------
+
+def test_training_split_labels_keep_the_data_sets_radius_and_short_name() -> None:
+    from robustkit.results.plot import dataset_label
+
+    assert split_label("cifar10", "test") == "cifar10" and split_label("cifar10", "train") == "cifar10:train"
+    assert dataset_of_label("cifar10:train") == dataset_of_label("cifar10") == "cifar10"
+    assert cli_leaderboard.standard_eps("cifar10:train", "linf", ["wrn28"]) == pytest.approx(8 / 255)
+    assert dataset_label("npz:/data/cifar10_test1000.npz:train") == "cifar10_test1000:train"
+
 
 def test_ranked_view_worst_case_autoattack_and_order() -> None:
     (group,) = ranked.build_groups(cifar_rows(), standard)

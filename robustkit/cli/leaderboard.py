@@ -94,8 +94,9 @@ def standard_eps(dataset: str, norm: str, models: Sequence[str]) -> float | None
     # lazy: the CLI must not import torch at import time
     from robustkit.evaluation.grid import STANDARD_EPS, default_dataset
     from robustkit.models import robustbench as rb
+    from robustkit.results.labels import dataset_of_label
 
-    name = dataset.lower()
+    name = dataset_of_label(dataset).lower()  # the training split has the test split's radius
     if name.startswith("npz:"):
         built_for = {default_dataset(m) for m in models}
         if len(built_for) != 1:

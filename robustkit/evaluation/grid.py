@@ -70,6 +70,7 @@ from robustkit.models.robustbench_weights import check_normalize, locate_weights
 from robustkit.models.sidecar import load_trained_model, read_sidecar, sidecar_model_name
 from robustkit.registry import ATTACKS, DEFENSES, MODELS
 from robustkit.results import curves as rc
+from robustkit.results.labels import split_label
 from robustkit.results.leaderboard import Leaderboard, ResultRow, canonical_json
 from robustkit.threat import ThreatModel
 from robustkit.units import eps_label, eps_str, parse_eps
@@ -305,11 +306,14 @@ class Grid:
                 check_normalize(name, spec.normalize)
                 locate_weights(name, spec.checkpoint_of(i), model_dir=spec.model_dir, download=spec.download,
                                fetch=False)
-        self.defense = defense_label(spec.defense, spec.defense_kwargs)
-        if spec.prompt:  # rows of a prompted model differ from the backbone's
-            self.defense = "+".join(filter(None, [prompt_label(spec.prompt), self.defense]))
+        # rows of a prompted model, or of a model under another normalization than its own, differ
+        # from the plain model's: their defense field says how
+        normalize = f"normalize={spec.normalize}" if spec.normalize not in (None, "default") else ""
+        self.defense = "+".join(filter(None, [prompt_label(spec.prompt) if spec.prompt else "", normalize,
+                                              defense_label(spec.defense, spec.defense_kwargs)]))
         self.dataset: Dataset = load_dataset(spec.dataset, data_dir=spec.data_dir, split=spec.split,
                                              n_examples=spec.n_examples, download=spec.download)
+        self.data_label = split_label(self.dataset.name, spec.split)  # the rows' dataset field
         self.device = resolve_device(dist.local_device(spec.device))
         self.surrogates: list[tuple[str, torch.nn.Module, str]] = [
             (label, load_surrogate(name, ckpt).to(self.device).eval(), sha)
@@ -358,7 +362,7 @@ class Grid:
     def _row(self, model: str, sha: str, threat: ThreatModel, name: str, config: dict[str, Any], clean: float,
              robust: float, seconds: float, extra: dict[str, Any]) -> ResultRow:
         return ResultRow(
-            model=model, checkpoint_sha256=sha, defense=self.defense, dataset=self.dataset.name,
+            model=model, checkpoint_sha256=sha, defense=self.defense, dataset=self.data_label,
             n_examples=len(self.dataset),
             norm=threat.norm, eps=threat.eps, attack=name, attack_config=config, seed=self.spec.seed,
             clean_acc=clean, robust_acc=robust, seconds=seconds,
@@ -521,7 +525,7 @@ class Grid:
                           (result.seconds["clean"] + sum(result.seconds[n] for n, _ in attacks)) if result else 0.0))
         radius = self.spec.radius_dataset()
         return [rc.Curve(
-            model=model, checkpoint_sha256=sha, defense=self.defense, dataset=self.dataset.name,
+            model=model, checkpoint_sha256=sha, defense=self.defense, dataset=self.data_label,
             n_examples=len(self.dataset), norm=self.spec.norm, attack=name, attack_config=config,
             seed=self.spec.seed, distances=rc.as_distances(d), eps_grid=tuple(rc.eps_grid(self.spec.norm, radius, d)),
             seconds=seconds, robustkit_version=__version__, torch_version=torch.__version__,

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import PurePath
 from typing import Any
 
-from robustkit.results.labels import attack_labels, checkpoint_label, is_random_weights
+from robustkit.results.labels import attack_labels, checkpoint_label, dataset_of_label, is_random_weights
 from robustkit.results.leaderboard import ResultRow
 from robustkit.results.ranked import Group, extra_text, percent
 from robustkit.units import eps_str
@@ -92,7 +92,8 @@ def _td(text: str, *, cls: str = "", value: float | None = None, title: str = ""
 
 def _short_dataset(name: str) -> str:
     """``npz:../shared/data/cifar10_test1000.npz`` -> ``npz:cifar10_test1000.npz`` (the full name in a tooltip)."""
-    return f"npz:{PurePath(name[4:]).name}" if name.startswith("npz:") else name
+    base = dataset_of_label(name)
+    return (f"npz:{PurePath(base[4:]).name}" if base.startswith("npz:") else base) + name[len(base):]
 
 
 def _checkpoint_cell(label: str, sha: str, random: bool) -> str:

@@ -1,6 +1,7 @@
-"""Short labels that tell leaderboard rows apart on screen: the checkpoint (file stem or the
-sha256's first 8 characters, random weights flagged) and the attack configuration (``pgd-10``
-vs ``pgd-20``, plus any option that differs between rows of the same attack at the same radius)."""
+"""Short labels that tell leaderboard rows apart on screen: the data split (``cifar10:train``),
+the checkpoint (file stem or the sha256's first 8 characters, random weights flagged) and the
+attack configuration (``pgd-10`` vs ``pgd-20``, plus any option that differs between rows of the
+same attack at the same radius)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,17 @@ SHA_CHARS = 8
 _GENERIC_STEMS = ("model", "weights", "checkpoint", "last", "best", "final")
 # Options that always vary with eps or that a row stores elsewhere: never used to tell configs apart.
 _IGNORED_OPTIONS = ("step_size", "alpha", "eps", "stages", "configs", "attacks")
+
+
+def split_label(dataset: str, split: str) -> str:
+    """How rows name their data: the data set's name for its test split, ``NAME:train`` for the
+    training split, so that the two splits are different leaderboard cells, groups and panels."""
+    return dataset if split == "test" else f"{dataset}:{split}"
+
+
+def dataset_of_label(label: str) -> str:
+    """The data set a row's dataset field names (:func:`split_label` undone)."""
+    return label.removesuffix(":train")
 
 
 def is_random_weights(row: ResultRow) -> bool:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from robustkit.errors import DataError, DependencyError, UsageError
+from robustkit.results.labels import dataset_of_label
 
 METRICS = ("robust_acc", "clean_acc", "seconds")
 X_AXES = ("eps", "n_examples")
@@ -106,8 +107,10 @@ def log_axis_numbers(axis: Any) -> None:
 
 
 def dataset_label(dataset: str) -> str:
-    """A short name for titles: ``npz:/data/cifar10_test1000.npz`` -> ``cifar10_test1000``."""
-    return Path(dataset[4:]).stem if dataset.startswith("npz:") else dataset
+    """A short name for titles: ``npz:/data/cifar10_test1000.npz`` -> ``cifar10_test1000`` (a
+    ``:train`` split suffix kept)."""
+    base = dataset_of_label(dataset)
+    return (Path(base[4:]).stem if base.startswith("npz:") else base) + dataset[len(base):]
 
 
 def in_255ths(dataset: str, norm: str) -> bool:

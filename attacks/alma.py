@@ -31,7 +31,7 @@ from robustkit.errors import UsageError
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
 
-from .min_norm import INF, MinimumNorm, check_positive, margin, view
+from .min_norm import INF, ActiveRows, MinimumNorm, check_positive, keep_smallest, margin, view
 
 
 def penalty_p2(c: torch.Tensor, rho: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
@@ -129,49 +129,46 @@ class ALMA(MinimumNorm, Attack):
         found = torch.zeros(n, dtype=torch.bool, device=x.device)
         step_found = full(float(self.steps + 1))
         prev_c = full(0.0)
-        rows = torch.arange(n, device=x.device)
+        rows = ActiveRows(n, x.device)
+        take = rows.take
         for i in range(self.steps):
-            if self.stops():
-                rows = rows[~self.within(best_norm[rows])]
-                if not len(rows):
-                    break
-            d = delta[rows].requires_grad_(True)
-            x0 = xf[rows]
+            if self.stops() and not rows.keep(~self.within(take(best_norm))):
+                break
+            d = take(delta).detach().requires_grad_(True)
+            x0 = take(xf)
             with torch.enable_grad():
                 moved = x0 + d
                 logits = forward(moved.view(-1, *x.shape[1:]))
                 size = (moved - x0).norm(p=p, dim=1)  # as adv-lib: the L1 gradient is 0 where x0 + d rounds to x0
-                c = dlr_constraint(logits, labels[rows], targeted, self.logit_tolerance)
+                c = dlr_constraint(logits, take(labels), targeted, self.logit_tolerance)
                 cd = c.detach()
                 if i == 0:
-                    prev_c[rows] = cd
+                    prev_c = rows.put(prev_c, cd)
                 elif (i + 1) % self.check_steps == 0:
-                    improved = cd < self.tau * prev_c[rows]
-                    rho[rows] = torch.where(found[rows] | improved, rho[rows], self.gamma * rho[rows])
-                    prev_c[rows] = cd
-                r, m = rho[rows], mu[rows]
+                    improved = cd < self.tau * take(prev_c)
+                    rho = rows.put(rho, torch.where(take(found) | improved, take(rho), self.gamma * take(rho)))
+                    prev_c = rows.put(prev_c, cd)
+                r, m = take(rho), take(mu)
                 if i:
                     m = torch.lerp(m, penalty_slope(cd, r, m), 1 - self.alpha).clamp(1e-6, 1e12)
-                    mu[rows] = m
+                    mu = rows.put(mu, m)
                 adv = cd < 0
-                better = adv & (size.detach() < best_norm[rows])
-                step_found[rows] = torch.where(adv & ~found[rows], float(i), step_found[rows])
-                found[rows] |= adv
-                best_norm[rows] = torch.where(better, size.detach(), best_norm[rows])
-                best_adv[rows[better]] = (x0 + d.detach())[better]
+                step_found = rows.put_where(step_found, adv & ~take(found), torch.full_like(cd, float(i)))
+                found = rows.put(found, take(found) | adv)
+                best_norm, best_adv = keep_smallest(rows, best_norm, best_adv, adv, size.detach(), x0 + d.detach())
                 loss = penalty_p2(c, r, m)
                 if i:
                     loss = loss + size
                 (grad,) = torch.autograd.grad(loss.sum(), d)
-            since = step_found[rows]
+            since = take(step_found)
             decay = self.lr_reduction ** ((i - since).clamp_min(0) / (self.steps - since))
             lr = self.lr_init * decay
             # fused multiply-adds, as adv-lib's in-place updates (ALMA amplifies rounding differences)
-            sq = torch.addcmul(self.alpha * square_avg[rows], grad, grad, value=1 - self.alpha)
-            mom = torch.addcdiv(self.alpha * momentum[rows], grad, sq.sqrt() + 1e-8)
-            square_avg[rows], momentum[rows] = sq, mom
+            sq = torch.addcmul(self.alpha * take(square_avg), grad, grad, value=1 - self.alpha)
+            mom = torch.addcdiv(self.alpha * take(momentum), grad, sq.sqrt() + 1e-8)
+            square_avg, momentum = rows.put(square_avg, sq), rows.put(momentum, mom)
             moved = (x0 + torch.addcmul(d.detach(), mom, view(lr, mom), value=-1)).clamp(0, 1)
             if self.levels is not None:
                 moved = (moved * (self.levels - 1)).round() / (self.levels - 1)
-            delta[rows] = moved - x0
+            delta = rows.put(delta, moved - x0)
         return self.result(x, best_adv.view_as(x), best_norm)

@@ -34,7 +34,7 @@ from robustkit.errors import UsageError
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
 
-from .min_norm import INF, MinimumNorm, check_positive, margin
+from .min_norm import INF, ActiveRows, MinimumNorm, check_positive, keep_smallest, margin
 
 
 @ATTACKS.register("cw", aliases=("cw-l2",))
@@ -93,7 +93,6 @@ class CarliniWagnerL2(MinimumNorm, Attack):
         best_adv = xf.clone()
         check_every = max(1, self.steps // 10)
         beta1, beta2 = 0.9, 0.999
-        everyone = torch.arange(n, device=x.device)
         for outer in range(self.binary_search_steps):
             if self.binary_search_steps >= 10 and outer == self.binary_search_steps - 1:
                 const = upper.clone()
@@ -101,46 +100,47 @@ class CarliniWagnerL2(MinimumNorm, Attack):
             m1, m2 = torch.zeros_like(xf), torch.zeros_like(xf)
             run_found = torch.zeros(n, dtype=torch.bool, device=x.device)
             prev = torch.full_like(const, INF)
-            rows = everyone[~self.within(best_norm)] if self.stops() else everyone
+            rows = ActiveRows(n, x.device)
+            take = rows.take
+            if self.stops() and not rows.keep(~self.within(best_norm)):
+                break  # every point is within eps
             for i in range(self.steps):
-                if not len(rows):
-                    break
-                wr = w[rows].requires_grad_(True)
-                x0 = xf[rows]
+                wr = take(w).detach().requires_grad_(True)
+                x0 = take(xf)
                 with torch.enable_grad():
-                    adv_x = (torch.tanh(tx[rows] + wr) + 1) / 2
+                    adv_x = (torch.tanh(take(tx) + wr) + 1) / 2
                     sq = (adv_x - x0).square().sum(1)
                     logits = forward(adv_x.view(-1, *x.shape[1:]))
-                    m = margin(logits, labels[rows])
+                    m = margin(logits, take(labels))
                     gap = -m if targeted else m  # > 0: not yet adversarial
-                    loss = sq + const[rows] * (gap + self.confidence).clamp_min(0)
+                    loss = sq + take(const) * (gap + self.confidence).clamp_min(0)
                     (grad,) = torch.autograd.grad(loss.sum(), wr)
                 size = sq.detach().sqrt()
-                aim = None if target is None else target[rows]
-                adv = (gap.detach() + self.confidence < 0) & self.is_success(logits.detach(), y[rows], aim)
-                run_found[rows] |= adv
-                better = adv & (size < best_norm[rows])
-                best_norm[rows] = torch.where(better, size, best_norm[rows])
-                best_adv[rows[better]] = adv_x.detach()[better]
-                keep = torch.ones(len(rows), dtype=torch.bool, device=x.device)
+                aim = None if target is None else take(target)
+                adv = (gap.detach() + self.confidence < 0) & self.is_success(logits.detach(), take(y), aim)
+                run_found = rows.put(run_found, take(run_found) | adv)
+                best_norm, best_adv = keep_smallest(rows, best_norm, best_adv, adv, size, adv_x.detach())
+                keep = None
                 if self.abort_early != "off" and i % check_every == 0:
-                    stalled = loss.detach() > prev[rows] * 0.9999
+                    stalled = loss.detach() > take(prev) * 0.9999
                     if self.abort_early == "point":
                         keep = ~stalled
-                    else:
-                        searching = ~self.within(best_norm[rows]) if self.threat.bounded else keep
-                        if stalled[searching].all():
+                    else:  # points already within a finite eps do not vote
+                        done = self.within(take(best_norm)) if self.threat.bounded else torch.zeros_like(stalled)
+                        if bool((stalled | done).all()):
                             break
-                    prev[rows] = loss.detach()
+                    prev = rows.put(prev, loss.detach())
                 if self.stops():
-                    keep &= ~self.within(best_norm[rows])
+                    within = self.within(take(best_norm))
+                    keep = ~within if keep is None else keep & ~within
                 bias1, bias2 = 1 - beta1 ** (i + 1), 1 - beta2 ** (i + 1)
-                g1 = beta1 * m1[rows] + (1 - beta1) * grad
-                g2 = beta2 * m2[rows] + (1 - beta2) * grad**2
-                m1[rows], m2[rows] = g1, g2
+                g1 = beta1 * take(m1) + (1 - beta1) * grad
+                g2 = beta2 * take(m2) + (1 - beta2) * grad**2
+                m1, m2 = rows.put(m1, g1), rows.put(m2, g2)
                 step = (self.learning_rate / bias1) * g1 / (g2.sqrt() / math.sqrt(bias2) + 1e-8)
-                w[rows] = wr.detach() - step
-                rows = rows[keep]
+                w = rows.put(w, wr.detach() - step)
+                if keep is not None and not rows.keep(keep):
+                    break
             # bisect c per point
             upper = torch.where(run_found, torch.minimum(upper, const), upper)
             lower = torch.where(run_found, lower, torch.maximum(lower, const))

@@ -27,7 +27,7 @@ from robustkit.errors import UsageError
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
 
-from .min_norm import INF, MinimumNorm, check_positive, view
+from .min_norm import INF, ActiveRows, MinimumNorm, check_positive, keep_smallest, view
 
 
 @ATTACKS.register("ddn")
@@ -75,24 +75,21 @@ class DDN(MinimumNorm, Attack):
         worst = torch.maximum(xf, 1 - xf).norm(p=2, dim=1)
         best_norm = torch.full((n,), INF, device=x.device, dtype=x.dtype)
         best_adv = xf.clone()
-        rows = torch.arange(n, device=x.device)
+        rows = ActiveRows(n, x.device)
+        take = rows.take
         for i in range(self.steps):
-            if self.stops():
-                rows = rows[~self.within(best_norm[rows])]
-                if not len(rows):
-                    break
-            d = delta[rows].requires_grad_(True)
-            x0 = xf[rows]
+            if self.stops() and not rows.keep(~self.within(take(best_norm))):
+                break
+            d = take(delta).detach().requires_grad_(True)
+            x0 = take(xf)
             size = d.detach().norm(p=2, dim=1)
             with torch.enable_grad():
                 logits = forward((x0 + d).view(-1, *x.shape[1:]))
-                loss = sign * F.cross_entropy(logits, labels[rows], reduction="none")
+                loss = sign * F.cross_entropy(logits, take(labels), reduction="none")
                 (grad,) = torch.autograd.grad(loss.sum(), d)
             d = d.detach()
-            adv = self.is_success(logits.detach(), y[rows], None if target is None else target[rows])
-            better = adv & (size < best_norm[rows])
-            best_norm[rows] = torch.where(better, size, best_norm[rows])
-            best_adv[rows[better]] = (x0 + d)[better]
+            adv = self.is_success(logits.detach(), take(y), None if target is None else take(target))
+            best_norm, best_adv = keep_smallest(rows, best_norm, best_adv, adv, size, x0 + d)
 
             grad_norm = grad.norm(p=2, dim=1)
             grad = grad / grad_norm[:, None]
@@ -102,11 +99,11 @@ class DDN(MinimumNorm, Attack):
                 grad[zero] = noise.to(grad.dtype)
             alpha = 0.01 + (1 - 0.01) * (1 + math.cos(math.pi * i / self.steps)) / 2
             d = d + alpha * grad
-            r = torch.minimum(torch.where(adv, (1 - self.gamma) * radius[rows], (1 + self.gamma) * radius[rows]),
-                              worst[rows])
-            radius[rows] = r
+            r = take(radius)
+            r = torch.minimum(torch.where(adv, (1 - self.gamma) * r, (1 + self.gamma) * r), take(worst))
+            radius = rows.put(radius, r)
             moved = (x0 + d * view(r / d.norm(p=2, dim=1), d)).clamp(0, 1)
             if self.levels is not None:
                 moved = (moved * (self.levels - 1)).round() / (self.levels - 1)
-            delta[rows] = moved - x0
+            delta = rows.put(delta, moved - x0)
         return self.result(x, best_adv.view_as(x), best_norm)

@@ -31,7 +31,19 @@ from robustkit.errors import UsageError
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
 
-from .min_norm import DUAL, INF, MinimumNorm, P, check_positive, lp, margin, project_l1_ball, view
+from .min_norm import (
+    DUAL,
+    INF,
+    ActiveRows,
+    MinimumNorm,
+    P,
+    check_positive,
+    keep_smallest,
+    lp,
+    margin,
+    project_l1_ball,
+    view,
+)
 
 
 def _project(delta: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
@@ -98,22 +110,16 @@ class FMN(MinimumNorm, Attack):
         best_norm = worst.clone()
         best_adv = xf.clone()
         found = torch.zeros(n, dtype=torch.bool, device=x.device)
-        rows = torch.arange(n, device=x.device)
-        every = not self.stops()  # no point ever stops: whole tensors, no gathers, scatters or syncs
-
-        def take(t: torch.Tensor) -> torch.Tensor:
-            return t if every else t[rows]
-
+        rows = ActiveRows(n, x.device)
+        take = rows.take
         for i in range(self.steps):
-            if not every:
-                rows = rows[~self.within(torch.where(found[rows], best_norm[rows], INF))]
-                if not len(rows):
-                    break
+            if self.stops() and not rows.keep(~self.within(torch.where(take(found), take(best_norm), INF))):
+                break
             cosine = (1 + math.cos(math.pi * i / self.steps)) / 2
             alpha = self.alpha_final + (self.alpha_init - self.alpha_final) * cosine
             gamma = self.gamma_final + (self.gamma_init - self.gamma_final) * cosine
 
-            d = take(delta).clone().requires_grad_(True) if every else delta[rows].requires_grad_(True)
+            d = take(delta).detach().requires_grad_(True)
             x0 = take(xf)
             size = d.detach().norm(p=p, dim=1)
             with torch.enable_grad():
@@ -122,16 +128,8 @@ class FMN(MinimumNorm, Attack):
                 (grad,) = torch.autograd.grad(loss.sum(), d)
             d = d.detach()
             adv = self.is_success(logits.detach(), take(y), None if target is None else take(target))
-            best = take(best_norm)
-            better = adv & (size < best)
-            if every:
-                found = found | adv
-                best_norm = torch.where(better, size, best_norm)
-                best_adv = torch.where(better[:, None], x0 + d, best_adv)
-            else:
-                found[rows] |= adv
-                best_norm[rows] = torch.where(better, size, best)
-                best_adv[rows[better]] = (x0 + d)[better]
+            found = rows.put(found, take(found) | adv)
+            best_norm, best_adv = keep_smallest(rows, best_norm, best_adv, adv, size, x0 + d)
 
             r = take(radius)
             if norm == "l0":
@@ -142,13 +140,10 @@ class FMN(MinimumNorm, Attack):
                 r = torch.where(adv, torch.minimum(r * (1 - gamma), take(best_norm)),
                                 torch.where(take(found), r * (1 + gamma), size + to_boundary))
             r = torch.minimum(r, take(worst))
+            radius = rows.put(radius, r)
 
             d = d + alpha * grad / view(grad.norm(p=2, dim=1).clamp_min(1e-12), grad)
             d = _project(d, r, norm)
-            if every:
-                radius, delta = r, (x0 + d).clamp(0, 1) - x0
-            else:
-                radius[rows] = r
-                delta[rows] = (x0 + d).clamp(0, 1) - x0
+            delta = rows.put(delta, (x0 + d).clamp(0, 1) - x0)
         best_norm = torch.where(found, best_norm, INF)
         return self.result(x, best_adv.view_as(x), best_norm)

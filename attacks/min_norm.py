@@ -78,6 +78,57 @@ class MinimumNorm:
         return AttackResult(x_adv=torch.where(view(ok, x), best_adv, x), success=ok)
 
 
+class ActiveRows:
+    """The points a minimum-norm attack still works on, and how their state is read and written.
+
+    It starts with every point as whole tensors: ``take`` returns the tensor itself and ``put``
+    returns the new value, so a step costs no row gathers, scatters or boolean-index host syncs
+    (without eps no point ever stops, and this is the whole run). The first time :meth:`keep`
+    drops a point, it switches to an index of the remaining rows: ``take`` gathers them and
+    ``put`` writes them back in place. The values are the same either way.
+    """
+
+    def __init__(self, n: int, device: torch.device):
+        self.index = torch.arange(n, device=device)
+        self.whole = True
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The active rows of ``t`` (``t`` itself while every point is active: do not modify it)."""
+        return t if self.whole else t[self.index]
+
+    def put(self, t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``t`` with its active rows set to ``value``; assign the result back to ``t``."""
+        if self.whole:
+            return value
+        t[self.index] = value
+        return t
+
+    def put_where(self, t: torch.Tensor, mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``t`` with the active rows where ``mask`` holds set to those rows of ``value``."""
+        if self.whole:
+            return torch.where(view(mask, value), value, t)
+        t[self.index[mask]] = value[mask]
+        return t
+
+    def keep(self, mask: torch.Tensor) -> bool:
+        """Keep the active rows where ``mask`` holds (one host sync); whether any are left."""
+        if self.whole and bool(mask.all()):
+            return True
+        self.index, self.whole = self.index[mask], False
+        return bool(len(self.index))
+
+
+def keep_smallest(rows: ActiveRows, best_norm: torch.Tensor, best_adv: torch.Tensor, adv: torch.Tensor,
+                  size: torch.Tensor, point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best norms and points after a step: an active row's ``point`` (flattened) replaces
+    its best where it is adversarial (``adv``) and its norm ``size`` is smaller."""
+    better = adv & (size < rows.take(best_norm))
+    return rows.put_where(best_norm, better, size), rows.put_where(best_adv, better, point)
+
+
 def view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-sample vector shaped to broadcast against a batch like ``like``."""
     return v.view(-1, *([1] * (like.dim() - 1)))

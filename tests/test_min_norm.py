@@ -25,6 +25,7 @@ from torch import nn
 
 from robustkit import ThreatModel
 from robustkit.attacks import APGD, DDN, FAB, FMN, PGD, CarliniWagnerL2, DeepFool
+from robustkit.attacks.min_norm import ActiveRows
 from robustkit.errors import UsageError
 from robustkit.models import load_model
 from robustkit.registry import ATTACKS
@@ -160,6 +161,28 @@ def test_unbounded_threat_is_the_box() -> None:
         ThreatModel("l2", -INF)
     with pytest.raises(UsageError, match="positive"):
         ThreatModel("l2", math.nan)
+
+
+def test_active_rows_read_and_write_the_same_values_whole_and_indexed() -> None:
+    """While every point is active the state moves as whole tensors; once one stops, by index;
+    the values are those of plain indexing either way, and the whole path gathers nothing."""
+    state = torch.arange(12.0).view(6, 2)
+    rows = ActiveRows(6, state.device)
+    assert rows.take(state) is state  # no gather, no copy
+    assert rows.keep(torch.ones(6, dtype=torch.bool)) and rows.whole
+    state = rows.put(state, state + 100)
+    mask = torch.tensor([True, False, True, False, False, True])
+    state = rows.put_where(state, mask, -rows.take(state))
+    expected = torch.arange(12.0).view(6, 2) + 100
+    expected[mask] *= -1
+    assert torch.equal(state, expected)
+    assert rows.keep(~mask) and not rows.whole and rows.index.tolist() == [1, 3, 4]
+    assert torch.equal(rows.take(state), expected[[1, 3, 4]])
+    state = rows.put(state, torch.zeros(3, 2))
+    state = rows.put_where(state, torch.tensor([False, True, False]), torch.ones(3, 2))
+    expected[[1, 4]], expected[3] = 0, 1
+    assert torch.equal(state, expected) and len(rows) == 3
+    assert not rows.keep(torch.zeros(3, dtype=torch.bool)) and len(rows) == 0
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from robustkit.cli.console import ProgressBars, err, out
+from robustkit.radii import STANDARD_RADII
 from robustkit.units import eps_label
 
 
@@ -182,7 +183,7 @@ def _print_cell(report) -> None:  # noqa: ANN001
 def _print_curves(report) -> None:  # noqa: ANN001
     """The minimum-norm attacks' curves of one model: distances and accuracy at the standard radii."""
     # lazy: the CLI must not import pandas at import time
-    from robustkit.results.curves import STANDARD_RADII, radius_dataset, robust_at
+    from robustkit.results.curves import radius_dataset, robust_at
 
     for c in report.existing:
         err.print(Text(f"{c.model} {c.attack} {c.norm} curve: already in the leaderboard (shown below); pass "

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 import robustkit.cli.console as cli_console
+from robustkit import radii
 from robustkit.cli.console import err, out
 from robustkit.errors import UsageError
 from robustkit.paths import check_file, make_dir
@@ -90,20 +91,20 @@ def leaderboard_cmd(
 def standard_eps(dataset: str, norm: str, models: Sequence[str]) -> float | None:
     """The data set's standard radius: RobustBench's (CIFAR-10/100, ImageNet), else the papers' one
     robustkit eval uses (MNIST); images from a file (npz:) count as the data set their models are
-    built for. Imports the model registry (torch) lazily: only the ranked view needs it."""
-    # lazy: the CLI must not import torch at import time
-    from robustkit.evaluation.grid import STANDARD_EPS, default_dataset
-    from robustkit.models import robustbench as rb
+    built for (only they import the model registry, and with it torch)."""
+    # lazy: the CLI must not import pandas at import time
     from robustkit.results.labels import dataset_of_label
 
     name = dataset_of_label(dataset).lower()  # the training split has the test split's radius
     if name.startswith("npz:"):
+        # lazy: the model registry imports torch; only images from a file need it
+        from robustkit.evaluation.grid import default_dataset
+
         built_for = {default_dataset(m) for m in models}
         if len(built_for) != 1:
             return None
         name = built_for.pop()
-    found = STANDARD_EPS.get((name, norm))
-    return found if found is not None else rb.benchmark_eps(name, norm)
+    return radii.standard_eps(name, norm)
 
 
 def extra_columns(board: Leaderboard) -> list[ExtraColumn]:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import yaml
 
-from robustkit import __version__
+from robustkit import __version__, radii
 from robustkit import distributed as dist
 from robustkit.attack import Attack
 from robustkit.attacks import PGD, Transferred
@@ -77,7 +77,6 @@ from robustkit.units import eps_label, eps_str, parse_eps
 
 WORST_CASE = "worst-case"
 # The radius papers use where RobustBench has no board (MNIST: Madry et al.'s 0.3 Linf, 2 L2).
-STANDARD_EPS = {("mnist", "linf"): 0.3, ("mnist", "l2"): 2.0, ("cifar100", "l2"): 0.5}
 # The registered data set a model's input size and classes point to.
 DATASET_FOR_INPUT = {((1, 8, 8), 10): "digits", ((1, 28, 28), 10): "mnist", ((3, 32, 32), 10): "cifar10",
                      ((3, 32, 32), 100): "cifar100"}
@@ -197,8 +196,8 @@ class EvalSpec:
             self.dataset = refs[0].dataset if refs else default_dataset(self.model[0])
         if not self.eps and fill_eps:
             name = refs[0].dataset if refs else self.radius_dataset()
-            zoo_eps = rb.benchmark_eps(name, self.norm)
-            self.eps = [zoo_eps if zoo_eps is not None else STANDARD_EPS.get((name, self.norm), 0.1)]
+            standard = radii.standard_eps(name, self.norm)
+            self.eps = [standard if standard is not None else 0.1]
 
     def _surrogate_defaults(self) -> None:
         """Surrogates and their checkpoints as matching lists (names from the checkpoints' sidecars
@@ -494,7 +493,7 @@ class Grid:
             if not sha and not spec.prompt:
                 warnings.insert(0, f"{name} has no weights file (no --checkpoint and none packaged): these are the "
                                    f"numbers of a randomly initialized network.")
-            usual = rb.benchmark_eps(spec.radius_dataset(), threat.norm)
+            usual = radii.benchmark_eps(spec.radius_dataset(), threat.norm)
             if usual is not None and not usual / 4 <= threat.eps <= 2 * usual:
                 warnings.append(f"eps {eps_label(threat.eps)} is unusual for {spec.radius_dataset()} images: the "
                                 f"standard {threat.norm} radius is {eps_label(usual)}.")

@@ -27,12 +27,6 @@ THREAT_MODELS = ("Linf", "L2", "corruptions", "corruptions_3d")
 #: RobustBench's defaults (robustbench.utils.load_model) for a name that does not say them.
 DEFAULT_DATASET, DEFAULT_THREAT_MODEL = "cifar10", "Linf"
 #: The radius of each RobustBench leaderboard (its model_info files' ``eps``).
-BENCHMARK_EPS = {
-    ("cifar10", "Linf"): 8 / 255,
-    ("cifar10", "L2"): 0.5,
-    ("cifar100", "Linf"): 8 / 255,
-    ("imagenet", "Linf"): 4 / 255,
-}
 _INPUT_SIZE = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "imagenet": (3, 224, 224)}
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 
@@ -219,6 +213,3 @@ def zoo_catalog(dataset: str | None = None, threat_model: str | None = None) -> 
     return rows
 
 
-def benchmark_eps(dataset: str, norm: str) -> float | None:
-    """RobustBench's eps for ``dataset`` under ``norm`` (``linf``/``l2``), or None if it has no such board."""
-    return BENCHMARK_EPS.get((dataset, threat_model_for_norm(norm))) if norm in ("linf", "l2") else None

@@ -28,17 +28,10 @@ import numpy as np
 import pandas as pd
 
 from robustkit.errors import ResultExistsError, UsageError
+from robustkit.radii import STANDARD_RADII  # the summary's columns and the span of the default eps grid
 from robustkit.results.leaderboard import Leaderboard, canonical_json
 from robustkit.units import eps_str
 
-# The radii papers report per data set and norm (RobustBench's, plus the half radius for Linf on
-# CIFAR and Madry et al.'s on MNIST): the summary's columns and the span of the default eps grid.
-STANDARD_RADII: dict[tuple[str, str], tuple[float, ...]] = {
-    ("cifar10", "linf"): (4 / 255, 8 / 255), ("cifar100", "linf"): (4 / 255, 8 / 255),
-    ("cifar10", "l2"): (0.5,), ("cifar100", "l2"): (0.5,),
-    ("imagenet", "linf"): (4 / 255,), ("imagenet", "l2"): (3.0,),
-    ("mnist", "linf"): (0.1, 0.3), ("mnist", "l2"): (2.0,),
-}  # fmt: skip
 GRID_POINTS = 40  # steps of the grid where no 1/255 unit applies
 
 KEY_FIELDS = ("model", "checkpoint_sha256", "defense", "dataset", "n_examples", "norm", "attack", "attack_config",
@@ -397,5 +390,5 @@ def optimality_frame(db: str | Path | Leaderboard | CurveStore | None = None, **
     return pd.DataFrame(records, columns=list(OPTIMALITY_COLUMNS))
 
 
-__all__ = ["STANDARD_RADII", "Curve", "CurveStore", "DistanceSummary", "curve_frame", "curve_summary_frame",
+__all__ = ["Curve", "CurveStore", "DistanceSummary", "curve_frame", "curve_summary_frame",
            "ensemble", "eps_grid", "optimality", "optimality_frame", "robust_accuracy", "robust_at", "summarize"]

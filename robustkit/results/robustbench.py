@@ -23,7 +23,8 @@ from typing import Any
 import pandas as pd
 
 from robustkit.errors import DataError, UsageError
-from robustkit.models.robustbench import BENCHMARK_EPS, DATASETS, THREAT_MODELS, is_robustbench, parse_ref
+from robustkit.models.robustbench import DATASETS, THREAT_MODELS, is_robustbench, parse_ref
+from robustkit.radii import BENCHMARK_EPS
 from robustkit.results.leaderboard import ResultRow
 from robustkit.units import eps_str, parse_eps
 

@@ -104,6 +104,7 @@ class PubDef(TrainingStrategy):
     ):
         super().__init__(threat, steps=steps, step_size=step_size, beta=beta, tricks=tricks, seed=seed)
         self.attack_steps, self.attack_step_size = steps, step_size  # None: each attack's default
+        self.seed = seed  # seeds the initialization of surrogates without weights
         if not surrogates:
             raise UsageError("pubdef trains on transfer attacks from public models; name them with "
                              "`robustkit train pubdef --surrogate NAME[,NAME...]`.")
@@ -155,8 +156,8 @@ class PubDef(TrainingStrategy):
             labels = surrogate_labels(names, self.checkpoints) if all(isinstance(s, str) for s in self.surrogates) \
                 else [(n, "") for n in names]
             models = []
-            for (label, sha), s, ckpt in zip(labels, self.surrogates, self.checkpoints, strict=True):
-                model = load_surrogate(s, ckpt) if isinstance(s, str) else s
+            for i, ((label, sha), s, ckpt) in enumerate(zip(labels, self.surrogates, self.checkpoints, strict=True)):
+                model = load_surrogate(s, ckpt, seed=self.seed + 1 + i) if isinstance(s, str) else s
                 model.eval().requires_grad_(False)
                 models.append((label, model, sha if ckpt else ""))
             self._models = models

@@ -21,6 +21,7 @@ from robustkit.data import load_dataset
 from robustkit.defenses.pubdef import PubDef
 from robustkit.errors import UsageError, UserError
 from robustkit.evaluation.grid import TRANSFER, WORST_CASE, EvalSpec, Grid, run_grid
+from robustkit.evaluation.surrogates import load_surrogate
 from robustkit.models import load_model
 from robustkit.threat import ThreatModel
 from robustkit.training.pubdef import PubDefConfig
@@ -103,6 +104,17 @@ def test_single_surrogate_rows_unchanged(tmp_path: Path) -> None:
     rows = grid._rows("digits-cnn", "", threat, grid.attacks(threat), None, {})
     assert [r.attack for r in rows] == ["mi-fgsm@digits-cnn", "pgd@digits-cnn", WORST_CASE]
     assert rows[0].attack_config["surrogate"] == "digits-cnn" and len(rows[0].attack_config["surrogate_sha256"]) == 64
+
+
+def test_a_surrogate_without_weights_is_the_same_network_on_a_rerun() -> None:
+    """A weightless surrogate's initialization is seeded (a rerun or a resumed run attacks from the
+    same network); it used to come from torch's global RNG."""
+    first, again = (load_surrogate("resnet20", seed=3) for _ in range(2))
+    other = load_surrogate("resnet20", seed=4)
+    same = [torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True)]
+    differ = [torch.equal(a, b) for a, b in zip(first.parameters(), other.parameters(), strict=True)
+              if a.dim() > 1]  # conv and linear weights
+    assert all(same) and not any(differ)
 
 
 def test_rerun_is_kept_and_another_surrogate_checkpoint_is_a_new_row(other_surrogate: str, tmp_path: Path) -> None:

@@ -315,8 +315,8 @@ class Grid:
         self.data_label = split_label(self.dataset.name, spec.split)  # the rows' dataset field
         self.device = resolve_device(dist.local_device(spec.device))
         self.surrogates: list[tuple[str, torch.nn.Module, str]] = [
-            (label, load_surrogate(name, ckpt).to(self.device).eval(), sha)
-            for name, ckpt, label, sha in _surrogate_labels(spec)]
+            (label, load_surrogate(name, ckpt, seed=spec.seed + 1 + i).to(self.device).eval(), sha)
+            for i, (name, ckpt, label, sha) in enumerate(_surrogate_labels(spec))]  # seeds apart from the model's
         self._suite: set[str] = set()  # names of the cells that the `transfer` row covers
 
     def attack_names(self) -> list[str]:

@@ -39,12 +39,14 @@ def surrogate_labels(names: Sequence[str], checkpoints: Sequence[str | None] = (
     return out
 
 
-def load_surrogate(name: str, checkpoint: str | None = None) -> torch.nn.Module:
-    """A surrogate: a ``robustkit train`` checkpoint brings its own normalization (sidecar)."""
+def load_surrogate(name: str, checkpoint: str | None = None, *, seed: int | None = None) -> torch.nn.Module:
+    """A surrogate: a ``robustkit train`` checkpoint brings its own normalization (sidecar).
+    ``seed`` seeds the initialization of a surrogate without weights (as for the evaluated model),
+    so that a rerun, or a resumed run, attacks from the same network."""
     side = read_sidecar(checkpoint) if checkpoint else None
     if side is not None and name in (side.get("model"), sidecar_model_name(side)):
         return load_trained_model(checkpoint)
     try:
-        return load_model(name, checkpoint)
+        return load_model(name, checkpoint, seed=seed)
     except UnknownNameError as e:
         raise UsageError(f"--surrogate: {e}") from None

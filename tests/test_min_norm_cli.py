@@ -218,6 +218,9 @@ def test_eps_inf_and_l0_curves(capsys: pytest.CaptureFixture, db: str) -> None:
     assert all(float(p["eps"]).is_integer() for p in curve["curve"])
     spec = ok(capsys, "eval", "--attack", "fmn", "--norm", "l2", "--dump-config")
     assert "eps: []" in spec
+    ok(capsys, "eval", "--attack", "fmn", "--norm", "l0", "--eps", "3", "--db", db, *DIGITS)  # rows read off the curve
+    rows = json.loads(ok(capsys, "leaderboard", "--db", db, "--norm", "l0", "--rows", "--format", "json"))
+    assert rows and {r["norm"] for r in rows} == {"l0"}
 
 
 # -- a real CIFAR-10 ResNet-20 ------------------------------------------------------------------------

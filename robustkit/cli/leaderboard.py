@@ -41,8 +41,8 @@ VIEW_FORMATS = ("table", "csv", "md", "json", "html")
 @click.option("--output", type=click.Path(), help="Write to this file (a folder for robustbench) instead of stdout.")
 @click.option("--compare", "compare_with", type=click.Path(),
               help="Show robustkit's numbers beside those of RobustBench model-info JSON (a file or a folder).")
-@click.option("--dataset", help="Only rows of this dataset.")
-@click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), help="Only rows of this norm.")
+@click.option("--dataset", help="Only rows of this dataset (its training split: NAME:train).")
+@click.option("--norm", type=click.Choice(["linf", "l2", "l1", "l0"]), help="Only rows of this norm.")
 @click.option("--model", help="Only rows of this model.")
 @click.option("--db", type=click.Path(dir_okay=False), help="Leaderboard file (default ~/.robustkit/leaderboard.db).")
 def leaderboard_cmd(

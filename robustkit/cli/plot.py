@@ -18,7 +18,7 @@ from robustkit.errors import DataError, UsageError
 @click.option("--x", "x_axis", default="eps", show_default=True, type=click.Choice(["eps", "n_examples"]))
 @click.option("--output", default="robustness.png", show_default=True, type=click.Path(dir_okay=False),
               help="A .png, .svg or .pdf file.")
-@click.option("--dataset", help="Only rows of this dataset.")
+@click.option("--dataset", help="Only rows of this dataset (its training split: NAME:train).")
 @click.option("--norm", type=click.Choice(["linf", "l2", "l1", "l0"]), help="Only rows of this norm.")
 @click.option("--model", help="Only rows of this model.")
 @click.option("--attack", help="Only rows of this attack (e.g. worst-case).")

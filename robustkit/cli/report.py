@@ -29,8 +29,8 @@ SCALING_DROP = ("R²", "eps range", "fit/pts")  # left out in this order when th
 
 @report_group.command("scaling")
 @click.option("--model", help="Only rows of this model.")
-@click.option("--dataset", help="Only rows of this data set.")
-@click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), help="Only rows of this norm.")
+@click.option("--dataset", help="Only rows of this data set (its training split: NAME:train).")
+@click.option("--norm", type=click.Choice(["linf", "l2", "l1", "l0"]), help="Only rows of this norm.")
 @click.option("--attack", help="Only rows of this attack (e.g. pgd or worst-case).")
 @click.option("--quantity", type=click.Choice(["excess", "error"]), default="excess", show_default=True,
               help="excess: clean acc - robust acc (the points the attack flips); error: 1 - robust acc.")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from robustkit.cli import main
 from robustkit.data import Dataset, load_dataset
@@ -195,6 +195,62 @@ def test_run_rift_keeps_robust_accuracy_on_the_held_out_set(digits: tuple[Datase
     assert robust_accuracy(result.model, test, threat, torch.device("cpu"), steps=5) == result.after["robust_acc"]
 
 
+def test_an_interrupted_run_resumes_to_the_uninterrupted_weights(digits: tuple[Dataset, Dataset], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped in the fine-tuning, then in the interpolation: each --resume reuses the finished
+    stages (the criticality table is not recomputed) and ends with the weights and report of a
+    run that was never stopped; a new run into the folder, or other options, are refused."""
+    import robustkit.training.rift as rift
+
+    train, test = digits
+    options = dict(mrc_size=32, mrc_epochs=1, epochs=2, lr=0.05, batch_size=64, alphas=[0.0, 0.5, 1.0],
+                   attack_steps=3, device="cpu", val_size=64)
+    whole = run_rift(RiftConfig(**options, out=str(tmp_path / "whole")), data=train, val=test)
+    out = str(tmp_path / "stopped")
+
+    def stop(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(rift, "fine_tune_module", stop)
+        with pytest.raises(KeyboardInterrupt):
+            run_rift(RiftConfig(**options, out=out), data=train, val=test)
+    with pytest.raises(UsageError, match="pass --resume"):
+        run_rift(RiftConfig(**options, out=out), data=train, val=test)
+    with pytest.raises(UsageError, match="differ"):
+        run_rift(RiftConfig(**{**options, "lr": 0.1}, out=out, resume=True), data=train, val=test)
+    calls = []
+    real_interpolate = rift.interpolate
+    with monkeypatch.context() as m:
+        m.setattr(rift, "criticality_table", stop)  # stage 1 is read back, not recomputed
+        def first_then_stop(*args: object) -> object:  # one interpolation point measured, then stopped
+            if calls:
+                stop()
+            calls.append(args)
+            return real_interpolate(*args)
+
+        m.setattr(rift, "interpolate", first_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            run_rift(RiftConfig(**options, out=out, resume=True), data=train, val=test)
+    assert sorted(p.name for p in (Path(out) / "rift-state").iterdir()) == [
+        "criticality.json", "fine_tune.json", "fine_tuned.safetensors", "interpolation.json", "state.json"]
+    with monkeypatch.context() as m:
+        m.setattr(rift, "criticality_table", stop)
+        m.setattr(rift, "fine_tune_module", stop)  # stage 2 as well
+        resumed = run_rift(RiftConfig(**options, out=out, resume=True), data=train, val=test)
+    assert real_interpolate is rift.interpolate
+    assert not (Path(out) / "rift-state").exists()
+    for name in ("model.safetensors",):
+        a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(Path(out) / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    reports = [json.loads((folder / "rift.json").read_text()) for folder in (Path(out), tmp_path / "whole")]
+    for report in reports:
+        for epoch in report["fine_tune"]:
+            epoch.pop("seconds")  # the one thing a resumed run may not repeat
+    assert reports[0] == reports[1]
+    assert (resumed.alpha, resumed.after) == (whole.alpha, whole.after)
+
+
 def test_cli_end_to_end_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "rift"
     code, stdout, stderr = run(capsys, "train", "rift", "--mrc-size", "64", "--mrc-epochs", "1", "--epochs", "1",
@@ -243,6 +299,14 @@ def test_cli_errors_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert code == 2 and "No Conv2d/Linear module '66'" in stderr and "Did you mean" in stderr
     code, _, stderr = run(capsys, "train", "rift", "--alphas", "0,2")
     assert code == 2 and "--alphas" in stderr
+    stopped = tmp_path / "stopped"
+    (stopped / "rift-state").mkdir(parents=True)
+    (stopped / "rift-state" / "state.json").write_text(json.dumps({"key": "another run"}))
+    code, _, stderr = run(capsys, "train", "rift", "--output", str(stopped), "--mrc-size", "8", "--device", "cpu")
+    assert code == 2 and "holds an interrupted RiFT run" in stderr and "--resume" in stderr
+    code, _, stderr = run(capsys, "train", "rift", "--output", str(stopped), "--resume", "--mrc-size", "8",
+                          "--device", "cpu")
+    assert code == 2 and "differ from those of the interrupted run" in stderr and "Traceback" not in stderr
 
 
 # -- a real adversarially trained model ------------------------------------------------------------

@@ -56,6 +56,7 @@ from robustkit.units import eps_label, parse_eps
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--out", help="Output folder (default runs/rift-MODEL).")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --output from its last finished stage.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def train_rift_cmd(quiet: bool, **options: Any) -> None:
     """RiFT, robust critical fine-tuning (Zhu et al., arXiv 2308.02533): measure each module's
@@ -64,7 +65,8 @@ def train_rift_cmd(quiet: bool, **options: Any) -> None:
     fine-tuned weights, keeping the point with the best clean accuracy that loses no PGD accuracy.
 
     Writes OUT/model.safetensors with its sidecar model.json (evaluate with
-    `robustkit eval --checkpoint OUT/model.safetensors`) and OUT/rift.json.
+    `robustkit eval --checkpoint OUT/model.safetensors`) and OUT/rift.json. Each finished stage
+    is kept in OUT/rift-state until then: an interrupted run continues with --resume.
 
     \b
     Example:

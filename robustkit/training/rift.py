@@ -71,6 +71,7 @@ from robustkit.threat import ThreatModel
 from robustkit.training.hooks import RunHooks
 from robustkit.training.inputs import RunInputs
 from robustkit.training.loop import EpochLoop, TrainConfig, TrainEvent, _fingerprint
+from robustkit.training.rift_state import RiftState, fingerprint
 from robustkit.units import parse_eps
 
 AUGMENTS = ("auto", "crop-flip", "none")
@@ -116,6 +117,7 @@ class RiftConfig(RunInputs):
     seed: int = 0
     device: str = "auto"
     out: str | None = None
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.eps, str):
@@ -548,15 +550,25 @@ def run_rift(config: RiftConfig, *, progress: ProgressFn | None = None, model: Z
             raise UsageError(f"--out {config.out} would overwrite the checkpoint being fine-tuned; "
                              "choose another --out.")
     torch.manual_seed(config.seed)
+    at_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # each stage's result is kept in OUT/rift-state until the model is written (--resume reads it back)
+    key = fingerprint(config, {"data.x": data.x, "data.y": data.y, "val.x": val.x, "val.y": val.y,
+                               **{f"model.{k}": v for k, v in at_state.items()}})
+    state = RiftState(None if config.criticality_only else config.out, key, resume=config.resume)
 
     # 1. module robust criticality on fixed PGD examples of the AT model
-    k = min(config.mrc_size or len(data), len(data))
-    x, y = data.x[:k].to(device), data.y[:k].to(device)
-    emit({"kind": "stage", "stage": "adversarial set", "n": k})
-    x_adv = adversarial_set(model, x, y, threat, steps=config.attack_steps, step_size=config.step_size(),
-                            seed=config.seed, batch_size=config.eval_batch_size)
-    rows = criticality_table(model, x_adv, y, progress=emit, radius=config.mrc_radius, epochs=config.mrc_epochs,
-                             lr=config.mrc_lr, batch_size=config.mrc_batch_size, seed=config.seed)
+    stored = state.criticality()
+    if stored is not None:
+        rows = [Criticality(**r) for r in stored]
+    else:
+        k = min(config.mrc_size or len(data), len(data))
+        x, y = data.x[:k].to(device), data.y[:k].to(device)
+        emit({"kind": "stage", "stage": "adversarial set", "n": k})
+        x_adv = adversarial_set(model, x, y, threat, steps=config.attack_steps, step_size=config.step_size(),
+                                seed=config.seed, batch_size=config.eval_batch_size)
+        rows = criticality_table(model, x_adv, y, progress=emit, radius=config.mrc_radius, epochs=config.mrc_epochs,
+                                 lr=config.mrc_lr, batch_size=config.mrc_batch_size, seed=config.seed)
+        state.save_criticality([dataclasses.asdict(r) for r in rows])
     result = RiftResult(config=config, model=model, criticality=rows, n_val=len(val))
     if config.criticality_only:
         return result
@@ -564,25 +576,34 @@ def run_rift(config: RiftConfig, *, progress: ProgressFn | None = None, model: Z
     result.module = chosen
 
     # 2. fine-tune the non-robust-critical module on clean data
-    at_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    augment = resolve_augment(config.augment, data)
-    ft_state, result.history = fine_tune_module(
-        model, chosen, data, val=val, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-        momentum=config.momentum, weight_decay=config.weight_decay, augment=augment, seed=config.seed,
-        device=device, progress=emit)
+    stored_ft = state.fine_tuned()
+    if stored_ft is not None:
+        ft_state, result.history = {k: v.to(device) for k, v in stored_ft[0].items()}, stored_ft[1]
+    else:
+        augment = resolve_augment(config.augment, data)
+        ft_state, result.history = fine_tune_module(
+            model, chosen, data, val=val, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+            momentum=config.momentum, weight_decay=config.weight_decay, augment=augment, seed=config.seed,
+            device=device, progress=emit)
+        state.save_fine_tuned(ft_state, result.history)
 
     # 3. interpolate and keep the best clean accuracy that loses no robust accuracy
-    def measure(state: dict[str, torch.Tensor]) -> tuple[float, float]:
-        model.load_state_dict(state)
+    def measure(label: str, weights: Callable[[], dict[str, torch.Tensor]]) -> tuple[float, float]:
+        found = state.measured(label)
+        if found is not None:
+            return found
+        model.load_state_dict(weights())
         clean = clean_accuracy(model, val, device, config.eval_batch_size)
         robust = robust_accuracy(model, val, threat, device, steps=config.attack_steps,
                                  step_size=config.step_size(), seed=config.seed, batch_size=config.eval_batch_size)
+        state.save_measured(label, clean, robust)
         return clean, robust
 
-    base_clean, base_robust = measure(at_state)
+    base_clean, base_robust = measure("before", lambda: at_state)
     result.before = {"clean_acc": base_clean, "robust_acc": base_robust}
     for i, alpha in enumerate(config.alphas):
-        clean, robust = (base_clean, base_robust) if alpha == 0 else measure(interpolate(at_state, ft_state, alpha))
+        clean, robust = (base_clean, base_robust) if alpha == 0 else measure(
+            f"alpha={alpha!r}", lambda alpha=alpha: interpolate(at_state, ft_state, alpha))
         result.interpolation.append(InterpolationPoint(alpha, clean, robust))
         emit({"kind": "step", "stage": "interpolation", "step": i + 1, "steps": len(config.alphas),
               "status": f"alpha {alpha:g}: clean {clean:.1%}, PGD {robust:.1%}"})
@@ -595,6 +616,7 @@ def run_rift(config: RiftConfig, *, progress: ProgressFn | None = None, model: Z
                     if chosen_point else dict(result.before))
     if config.out:
         result.weights, result.sidecar = save_rift(Path(config.out).expanduser(), result, data, val, side)
+    state.clear()
     return result
 
 

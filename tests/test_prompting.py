@@ -95,6 +95,44 @@ def test_backbone_bit_identical_after_training(backbone_file: Path) -> None:
     assert result.history[-1]["diversified_steps"] == 2  # p = 1: every step
 
 
+def test_an_interrupted_prompt_run_resumes_to_the_uninterrupted_prompt(backbone_file: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after its second epoch of four, then resumed: the same frame and history as a run
+    that was never stopped (the data order and input diversity continue from the saved
+    generators); a new run into the folder, or other options, are refused."""
+    import robustkit.training.prompt as prompt
+
+    options = dict(label_map="frequency", epochs=4, batch_size=8, device="cpu", diversity_prob=0.5)
+    data, val = digits(24), digits(8, "test")
+    whole = train_prompt(PromptConfig(**options, out=str(tmp_path / "whole")), backbone=resnet(backbone_file),
+                         data=data, val=val)
+    out = str(tmp_path / "stopped")
+    calls: list[int] = []
+    real_accuracy = prompt.accuracy
+
+    def stop_in_third_epoch(*args: object, **kwargs: object) -> float:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_accuracy(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(prompt, "accuracy", stop_in_third_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            train_prompt(PromptConfig(**options, out=out), backbone=resnet(backbone_file), data=data, val=val)
+    with pytest.raises(UsageError, match="pass --resume"):
+        train_prompt(PromptConfig(**options, out=out), backbone=resnet(backbone_file), data=data, val=val)
+    with pytest.raises(UsageError, match="differ"):
+        train_prompt(PromptConfig(**{**options, "diversity_prob": 0.6}, out=out, resume=True),
+                     backbone=resnet(backbone_file), data=data, val=val)
+    resumed = train_prompt(PromptConfig(**options, out=out, resume=True), backbone=resnet(backbone_file),
+                           data=data, val=val)
+    assert torch.equal(resumed.model.frame, whole.model.frame)
+    strip = [[{k: v for k, v in row.items() if k != "seconds"} for row in r.history] for r in (resumed, whole)]
+    assert strip[0] == strip[1] and len(strip[0]) == 4
+    assert not (Path(out) / "prompt-state").exists()
+
+
 def test_prompt_only_touches_the_frame() -> None:
     model = tiny(side=16)
     with torch.no_grad():

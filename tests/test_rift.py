@@ -233,7 +233,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_weights(digits: tuple[D
         with pytest.raises(KeyboardInterrupt):
             run_rift(RiftConfig(**options, out=out, resume=True), data=train, val=test)
     assert sorted(p.name for p in (Path(out) / "rift-state").iterdir()) == [
-        "criticality.json", "fine_tune.json", "fine_tuned.safetensors", "interpolation.json", "state.json"]
+        "criticality.json", "fine_tuned.safetensors", "interpolation.json", "state.json"]
     with monkeypatch.context() as m:
         m.setattr(rift, "criticality_table", stop)
         m.setattr(rift, "fine_tune_module", stop)  # stage 2 as well
@@ -306,7 +306,7 @@ def test_cli_errors_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert code == 2 and "holds an interrupted RiFT run" in stderr and "--resume" in stderr
     code, _, stderr = run(capsys, "train", "rift", "--output", str(stopped), "--resume", "--mrc-size", "8",
                           "--device", "cpu")
-    assert code == 2 and "differ from those of the interrupted run" in stderr and "Traceback" not in stderr
+    assert code == 2 and "differ from those of the interrupted RiFT run" in stderr and "Traceback" not in stderr
 
 
 # -- a real adversarially trained model ------------------------------------------------------------

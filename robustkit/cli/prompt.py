@@ -48,6 +48,7 @@ from robustkit.cli.train_common import default_out
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--out", help="Output folder (default runs/prompt-MODEL).")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --output from its last finished epoch.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def train_prompt_cmd(quiet: bool, **options: Any) -> None:
     """Train an EVP visual prompt: a frame of learnable pixels around the shrunk input image of a

@@ -17,7 +17,8 @@ Defaults come from the reference (``main.py``): SGD without momentum or weight d
 batch 256, 1000 epochs, a zero-initialized frame. The input-diversity probability 0.5 and resize
 rate 0.9 are DI's (Xie et al.), which the paper adopts; the released code has no DI.
 
-Files under ``out``: ``prompt.safetensors`` with its sidecar ``prompt.json`` and ``metrics.json``.
+Files under ``out``: ``prompt.safetensors`` with its sidecar ``prompt.json`` and ``metrics.json``;
+``prompt-state/`` holds the last finished epoch until then (``resume`` continues from it).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from robustkit.paths import check_dir
 from robustkit.training.hooks import RunHooks
 from robustkit.training.inputs import RunInputs
 from robustkit.training.loop import EpochLoop, TrainConfig, TrainEvent
+from robustkit.training.run_state import RunState, fingerprint
 
 SCHEDULES = ("cosine", "constant")
 
@@ -89,6 +91,7 @@ class PromptConfig(RunInputs):
     seed: int = 0
     device: str = "auto"
     out: str | None = None
+    resume: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -337,8 +340,22 @@ def train_prompt(config: PromptConfig, *, backbone: nn.Module | None = None, dat
     loop = EpochLoop(loop_config, model, strategy, NormalizedStep([model.frame], lr, grad_norm=config.grad_norm),
                      data.x, data.y, device=device, hooks=run, emit=on_event)
     n = len(data)
+    # every finished epoch (frame, generators, history) is kept in OUT/prompt-state until the prompt
+    # is written; --resume continues from the last one
+    held_out = {"val.x": val.x, "val.y": val.y} if val is not None else {}
+    key = fingerprint(config, {"data.x": data.x, "data.y": data.y, **held_out,
+                               **{f"backbone.{k}": v for k, v in backbone.state_dict().items()}})
+    state = RunState(config.out, "prompt-state", key, resume=config.resume, what="prompt training run")
     history: list[dict[str, Any]] = []
-    for epoch in range(config.epochs):
+    stored = state.tensors("epoch")
+    if stored is not None:
+        tensors, saved = stored
+        with torch.no_grad():
+            model.frame.copy_(tensors["frame"].to(device))
+        run.order.set_state(tensors["order"])
+        run.diversity.set_state(tensors["diversity"])
+        history, loop.global_step = saved["history"], saved["global_step"]
+    for epoch in range(len(history), config.epochs):
         t0 = time.perf_counter()
         strategy.diversified = 0
         totals, _ = loop.run_epoch(epoch)
@@ -346,6 +363,9 @@ def train_prompt(config: PromptConfig, *, backbone: nn.Module | None = None, dat
                "diversified_steps": strategy.diversified, "seconds": time.perf_counter() - t0,
                "val_acc": accuracy(model, val, device, config.batch_size) if val is not None else float("nan")}
         history.append(row)
+        state.keep_tensors("epoch", {"frame": model.frame, "order": run.order.get_state(),
+                                     "diversity": run.diversity.get_state()},
+                           {"history": history, "global_step": loop.global_step})
         emit({"kind": "epoch", **row, "epochs": config.epochs})
     model.eval()
     result = PromptResult(config, model, lr, kind, history)
@@ -374,6 +394,7 @@ def train_prompt(config: PromptConfig, *, backbone: nn.Module | None = None, dat
         }
         result.weights, result.sidecar = save_prompt(model, out / "prompt.safetensors", sidecar)
         (out / "metrics.json").write_text(json.dumps({"epochs": history}, indent=1))
+    state.clear()
     return result
 
 

@@ -71,7 +71,7 @@ from robustkit.threat import ThreatModel
 from robustkit.training.hooks import RunHooks
 from robustkit.training.inputs import RunInputs
 from robustkit.training.loop import EpochLoop, TrainConfig, TrainEvent, _fingerprint
-from robustkit.training.rift_state import RiftState, fingerprint
+from robustkit.training.run_state import RunState, fingerprint
 from robustkit.units import parse_eps
 
 AUGMENTS = ("auto", "crop-flip", "none")
@@ -554,10 +554,11 @@ def run_rift(config: RiftConfig, *, progress: ProgressFn | None = None, model: Z
     # each stage's result is kept in OUT/rift-state until the model is written (--resume reads it back)
     key = fingerprint(config, {"data.x": data.x, "data.y": data.y, "val.x": val.x, "val.y": val.y,
                                **{f"model.{k}": v for k, v in at_state.items()}})
-    state = RiftState(None if config.criticality_only else config.out, key, resume=config.resume)
+    state = RunState(None if config.criticality_only else config.out, "rift-state", key, resume=config.resume,
+                     what="RiFT run")
 
     # 1. module robust criticality on fixed PGD examples of the AT model
-    stored = state.criticality()
+    stored = state.value("criticality")
     if stored is not None:
         rows = [Criticality(**r) for r in stored]
     else:
@@ -568,7 +569,7 @@ def run_rift(config: RiftConfig, *, progress: ProgressFn | None = None, model: Z
                                 seed=config.seed, batch_size=config.eval_batch_size)
         rows = criticality_table(model, x_adv, y, progress=emit, radius=config.mrc_radius, epochs=config.mrc_epochs,
                                  lr=config.mrc_lr, batch_size=config.mrc_batch_size, seed=config.seed)
-        state.save_criticality([dataclasses.asdict(r) for r in rows])
+        state.keep_value("criticality", [dataclasses.asdict(r) for r in rows])
     result = RiftResult(config=config, model=model, criticality=rows, n_val=len(val))
     if config.criticality_only:
         return result
@@ -576,7 +577,7 @@ def run_rift(config: RiftConfig, *, progress: ProgressFn | None = None, model: Z
     result.module = chosen
 
     # 2. fine-tune the non-robust-critical module on clean data
-    stored_ft = state.fine_tuned()
+    stored_ft = state.tensors("fine_tuned")
     if stored_ft is not None:
         ft_state, result.history = {k: v.to(device) for k, v in stored_ft[0].items()}, stored_ft[1]
     else:
@@ -585,18 +586,18 @@ def run_rift(config: RiftConfig, *, progress: ProgressFn | None = None, model: Z
             model, chosen, data, val=val, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
             momentum=config.momentum, weight_decay=config.weight_decay, augment=augment, seed=config.seed,
             device=device, progress=emit)
-        state.save_fine_tuned(ft_state, result.history)
+        state.keep_tensors("fine_tuned", ft_state, result.history)
 
     # 3. interpolate and keep the best clean accuracy that loses no robust accuracy
     def measure(label: str, weights: Callable[[], dict[str, torch.Tensor]]) -> tuple[float, float]:
-        found = state.measured(label)
-        if found is not None:
-            return found
+        measured = state.value("interpolation") or {}
+        if label in measured:
+            return tuple(measured[label])
         model.load_state_dict(weights())
         clean = clean_accuracy(model, val, device, config.eval_batch_size)
         robust = robust_accuracy(model, val, threat, device, steps=config.attack_steps,
                                  step_size=config.step_size(), seed=config.seed, batch_size=config.eval_batch_size)
-        state.save_measured(label, clean, robust)
+        state.keep_value("interpolation", {**measured, label: [clean, robust]})
         return clean, robust
 
     base_clean, base_robust = measure("before", lambda: at_state)

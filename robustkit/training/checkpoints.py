@@ -17,7 +17,6 @@ from robustkit.errors import CheckpointError, UsageError
 from robustkit.models import load_state_dict
 from robustkit.models.sidecar import save_safetensors, write_text
 from robustkit.training.co_detector import COCheck
-from robustkit.training.config import TrainConfig
 
 #: Config keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = frozenset(
@@ -176,9 +175,10 @@ def _clone_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
     return clone(state)
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
-    now = config.to_dict()
-    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+def check_resumable(saved: dict[str, Any], now: dict[str, Any], may_differ: frozenset[str] = RESUMABLE_CHANGES) -> None:
+    """A one-line UsageError naming the options (other than ``may_differ``) that a resumed run
+    changed against the interrupted one (``saved``)."""
+    changed = sorted(k for k in set(saved) | set(now) if k not in may_differ and saved.get(k) != now.get(k))
     if changed:
         shown = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in changed[:3])
         raise UsageError(

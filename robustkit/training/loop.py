@@ -67,10 +67,10 @@ from robustkit.models.sidecar import (
 from robustkit.registry import MODELS
 from robustkit.training.checkpoints import (
     EMA,
-    _check_resumable,
     _Checkpoints,
     _clone_optimizer_state,
     _write_metrics,
+    check_resumable,
 )
 from robustkit.training.co_detector import COCheck, CODetector
 from robustkit.training.config import TrainConfig, flat_options
@@ -282,7 +282,7 @@ def _read_checkpoint(ckpts: _Checkpoints | None, config: TrainConfig, out: Path 
     if not config.resume:
         raise UsageError(f"{out} already holds a training run; pass --resume to continue it or choose another --out.")
     saved = ckpts.read_state()
-    _check_resumable(saved.get("config", {}), config)
+    check_resumable(saved.get("config", {}), config.to_dict())
     return saved
 
 

@@ -61,7 +61,7 @@ from robustkit.paths import check_dir
 from robustkit.training.hooks import RunHooks
 from robustkit.training.inputs import RunInputs
 from robustkit.training.loop import EpochLoop, TrainConfig, TrainEvent
-from robustkit.training.run_state import RunState, fingerprint
+from robustkit.training.run_state import RunState
 
 SCHEDULES = ("cosine", "constant")
 
@@ -343,9 +343,10 @@ def train_prompt(config: PromptConfig, *, backbone: nn.Module | None = None, dat
     # every finished epoch (frame, generators, history) is kept in OUT/prompt-state until the prompt
     # is written; --resume continues from the last one
     held_out = {"val.x": val.x, "val.y": val.y} if val is not None else {}
-    key = fingerprint(config, {"data.x": data.x, "data.y": data.y, **held_out,
-                               **{f"backbone.{k}": v for k, v in backbone.state_dict().items()}})
-    state = RunState(config.out, "prompt-state", key, resume=config.resume, what="prompt training run")
+    state = RunState(config.out, "prompt-state", config,
+                     lambda: {"data.x": data.x, "data.y": data.y, **held_out,
+                              **{f"backbone.{k}": v for k, v in backbone.state_dict().items()}},
+                     resume=config.resume, what="prompt training run")
     history: list[dict[str, Any]] = []
     stored = state.tensors("epoch")
     if stored is not None:

@@ -71,7 +71,7 @@ from robustkit.threat import ThreatModel
 from robustkit.training.hooks import RunHooks
 from robustkit.training.inputs import RunInputs
 from robustkit.training.loop import EpochLoop, TrainConfig, TrainEvent, _fingerprint
-from robustkit.training.run_state import RunState, fingerprint
+from robustkit.training.run_state import RunState
 from robustkit.units import parse_eps
 
 AUGMENTS = ("auto", "crop-flip", "none")
@@ -552,10 +552,10 @@ def run_rift(config: RiftConfig, *, progress: ProgressFn | None = None, model: Z
     torch.manual_seed(config.seed)
     at_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # each stage's result is kept in OUT/rift-state until the model is written (--resume reads it back)
-    key = fingerprint(config, {"data.x": data.x, "data.y": data.y, "val.x": val.x, "val.y": val.y,
-                               **{f"model.{k}": v for k, v in at_state.items()}})
-    state = RunState(None if config.criticality_only else config.out, "rift-state", key, resume=config.resume,
-                     what="RiFT run")
+    state = RunState(None if config.criticality_only else config.out, "rift-state", config,
+                     lambda: {"data.x": data.x, "data.y": data.y, "val.x": val.x, "val.y": val.y,
+                              **{f"model.{k}": v for k, v in at_state.items()}},
+                     resume=config.resume, what="RiFT run")
 
     # 1. module robust criticality on fixed PGD examples of the AT model
     stored = state.value("criticality")

@@ -29,7 +29,7 @@ import pandas as pd
 
 from robustkit.errors import ResultExistsError, UsageError
 from robustkit.radii import STANDARD_RADII  # the summary's columns and the span of the default eps grid
-from robustkit.results.leaderboard import Leaderboard, canonical_json
+from robustkit.results.leaderboard import PROVENANCE_COLUMNS, Leaderboard, canonical_json
 from robustkit.units import eps_str
 
 GRID_POINTS = 40  # steps of the grid where no 1/255 unit applies
@@ -56,13 +56,7 @@ CREATE TABLE IF NOT EXISTS curves (
     eps_grid TEXT NOT NULL,
     robust_acc TEXT NOT NULL,
     distances BLOB NOT NULL,
-    seconds REAL,
-    robustkit_version TEXT NOT NULL DEFAULT '',
-    torch_version TEXT NOT NULL DEFAULT '',
-    device TEXT NOT NULL DEFAULT '',
-    timestamp TEXT NOT NULL,
-    extra TEXT NOT NULL DEFAULT '{{}}',
-    UNIQUE ({", ".join(KEY_FIELDS)})
+{PROVENANCE_COLUMNS}    UNIQUE ({", ".join(KEY_FIELDS)})
 )
 """
 

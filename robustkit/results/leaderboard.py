@@ -39,6 +39,16 @@ KEY_FIELDS = (
 # The same key as stored: eps is compared through its canonical text form.
 _KEY_COLUMNS = tuple("eps_key" if f == "eps" else f for f in KEY_FIELDS)
 
+# Where and how a stored number was computed: the same columns in every table of the store.
+PROVENANCE_COLUMNS = """\
+    seconds REAL,
+    robustkit_version TEXT NOT NULL DEFAULT '',
+    torch_version TEXT NOT NULL DEFAULT '',
+    device TEXT NOT NULL DEFAULT '',
+    timestamp TEXT NOT NULL,
+    extra TEXT NOT NULL DEFAULT '{}',
+"""
+
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS results (
     id INTEGER PRIMARY KEY,
@@ -55,13 +65,7 @@ CREATE TABLE IF NOT EXISTS results (
     defense TEXT NOT NULL DEFAULT '',
     clean_acc REAL,
     robust_acc REAL,
-    seconds REAL,
-    robustkit_version TEXT NOT NULL DEFAULT '',
-    torch_version TEXT NOT NULL DEFAULT '',
-    device TEXT NOT NULL DEFAULT '',
-    timestamp TEXT NOT NULL,
-    extra TEXT NOT NULL DEFAULT '{{}}',
-    UNIQUE ({", ".join(_KEY_COLUMNS)})
+{PROVENANCE_COLUMNS}    UNIQUE ({", ".join(_KEY_COLUMNS)})
 );
 CREATE INDEX IF NOT EXISTS results_by_cell ON results (dataset, norm, eps_key);
 """
